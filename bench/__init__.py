@@ -1,0 +1,3 @@
+"""bench: compare pretrained image backbones for transfer learning."""
+
+__version__ = "0.1.0"

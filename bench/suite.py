@@ -1,0 +1,253 @@
+"""Suite files: the schema, YAML loading and grid expansion into fully resolved `Cell`s.
+
+This module never imports torch: `bench validate` on a big suite stays instant, and the model
+registry is handed in as a plain callable (`resolve_model`) when patterns must be expanded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import itertools
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bench.errors import SuiteError, close_matches
+
+FreezeSpec = Union[Literal["none", "all"], int, float]
+
+# Fields that say how to run a cell, not what the cell is: they stay out of its id.
+RUNNER_FIELDS = frozenset({"cell_timeout_s"})
+
+
+class Cell(BaseModel):
+    """One fully resolved experiment: the unit of scheduling, isolation, storage and resume."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    suite: str = "adhoc"
+    dataset: str = "synthetic"
+    model: str
+    resolution: int = Field(32, ge=8, le=2048)
+    batch_size: int = Field(128, ge=1)
+    freeze: FreezeSpec = "none"
+    epochs: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float | None = Field(None, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.05, ge=0, le=0.5)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    pretrained: bool = True
+    weights: str | None = None
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int = Field(512, ge=1)
+    head_dropout: float = Field(0.0, ge=0, lt=1)
+    head_bn: bool = False
+    augment: Literal["standard", "none", "strong"] = "standard"
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    train_subset: int | None = Field(None, ge=1)
+    test_subset: int | None = Field(None, ge=1)
+    seed: int = 0
+    target_top1: float | None = Field(None, gt=0, le=1)
+    mode: Literal["train", "throughput"] = "train"
+    throughput_warmup_steps: int = Field(10, ge=0)
+    throughput_steps: int = Field(50, ge=1)
+    feature_cache: Literal["auto", "off"] = "auto"
+    cell_timeout_s: float | None = Field(None, gt=0)
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _check_freeze(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value is None:
+            raise ValueError("freeze must be none, all, a fraction 0 < f < 1 or an integer n >= 1")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"freeze: {value} is not allowed; an integer n means 'train the last n layers' (n >= 1)")
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"freeze: {value} is not a fraction 0 < f < 1; use none, all or an integer n")
+        return value
+
+    @property
+    def id(self) -> str:
+        """A short hash of the canonical configuration: equal across runs and machines."""
+        return _short_hash(self.canonical(exclude=RUNNER_FIELDS))
+
+    @property
+    def group_id(self) -> str:
+        """The id of the cell's configuration without its seed: seeds of one config share it."""
+        return _short_hash(self.canonical(exclude=RUNNER_FIELDS | {"seed"}))
+
+    @property
+    def freeze_label(self) -> str:
+        return str(self.freeze)
+
+    def canonical(self, exclude: Iterable[str] = ()) -> str:
+        data = self.model_dump(exclude=set(exclude))
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+CELL_FIELDS = tuple(Cell.model_fields)
+
+
+class Suite(BaseModel):
+    """A suite file as written: defaults, a grid whose product gives cells, include and exclude."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    dataset: str
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    include: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    source: str = Field("<memory>", exclude=True)
+
+    @property
+    def hash(self) -> str:
+        body = self.model_dump(exclude={"source"})
+        return _short_hash(json.dumps(body, sort_keys=True, default=str))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and check a suite file; every problem becomes one `SuiteError` naming file, field and fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"{path}: no such suite file; pass the path of a YAML suite such as suites/smoke.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise SuiteError(f"{path}: not valid YAML{line} ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    return parse_suite(raw, source=str(path))
+
+
+def parse_suite(raw: Any, source: str = "<memory>") -> Suite:
+    if not isinstance(raw, dict):
+        raise SuiteError(f"{source}: a suite must be a mapping with name, dataset, defaults and grid; got {type(raw).__name__}")
+    try:
+        suite = Suite.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        raise SuiteError(_explain(exc, source, Suite.model_fields)) from None
+    _check_keys(suite)
+    return suite
+
+
+def _check_keys(suite: Suite) -> None:
+    allowed = set(CELL_FIELDS) - {"suite", "dataset"}
+    for section, keys in [("defaults", suite.defaults), ("grid", suite.grid)] + [
+        (f"{name}[{i}]", entry) for name in ("include", "exclude") for i, entry in enumerate(getattr(suite, name))
+    ]:
+        for key in keys:
+            if key == "seeds" and section == "defaults":
+                continue
+            if key not in allowed:
+                raise SuiteError(
+                    f"{suite.source}: {section}.{key}: unknown key{close_matches(key, allowed)}; "
+                    f"valid keys are listed in the README under 'Suite files'"
+                )
+    for key, values in suite.grid.items():
+        if not values:
+            raise SuiteError(f"{suite.source}: grid.{key} is an empty list; give it at least one value or remove it")
+    if not suite.grid and not suite.include:
+        raise SuiteError(f"{suite.source}: the suite has no cells; add a grid such as `grid: {{model: [resnet18]}}`")
+    if "seed" in suite.grid and "seeds" in suite.defaults:
+        raise SuiteError(f"{suite.source}: seeds are given twice (defaults.seeds and grid.seed); keep one")
+    seeds = suite.defaults.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise SuiteError(f"{suite.source}: defaults.seeds must be a non-empty list of integers, e.g. [0, 1, 2]")
+
+
+def expand(suite: Suite, resolve_model: Callable[[str], list[str]] | None = None) -> list[Cell]:
+    """Expand a suite into its cells: grid product plus include, minus exclude, times seeds.
+
+    `resolve_model` turns a name or glob into canonical names (the model registry); without it,
+    names are taken as written.
+    """
+    resolve = resolve_model or (lambda name: [name])
+    defaults = dict(suite.defaults)
+    seeds = defaults.pop("seeds", [0])
+    base = {"suite": suite.name, "dataset": suite.dataset, **defaults}
+
+    partials: list[tuple[str, dict[str, Any]]] = []
+    if suite.grid:
+        keys = list(suite.grid)
+        for combo in itertools.product(*(suite.grid[k] for k in keys)):
+            partials.append(("grid", dict(zip(keys, combo))))
+    partials += [(f"include[{i}]", dict(entry)) for i, entry in enumerate(suite.include)]
+
+    cells: dict[str, Cell] = {}
+    for origin, partial in partials:
+        fields = {**base, **partial}
+        if "model" not in fields:
+            raise SuiteError(f"{suite.source}: {origin} has no model; add `model:` to the grid, defaults or the entry")
+        if not isinstance(fields["model"], str):
+            raise SuiteError(f"{suite.source}: {origin}.model must be a name such as resnet18, got {fields['model']!r}")
+        cell_seeds = [fields.pop("seed")] if "seed" in fields else seeds
+        for model in resolve(fields["model"]):
+            for seed in cell_seeds:
+                cell = _make_cell({**fields, "model": model, "seed": seed}, suite, origin, partial)
+                if not _excluded(cell, suite.exclude):
+                    cells.setdefault(cell.id, cell)
+    if not cells:
+        raise SuiteError(f"{suite.source}: every cell is excluded; loosen the exclude entries")
+    return list(cells.values())
+
+
+def _make_cell(fields: dict[str, Any], suite: Suite, origin: str, partial: dict[str, Any]) -> Cell:
+    try:
+        return Cell.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        section = origin if key in partial else "defaults"
+        if origin == "grid" and key in partial:
+            section = "grid"
+        raise SuiteError(_explain(exc, suite.source, Cell.model_fields, prefix=section)) from None
+
+
+def _excluded(cell: Cell, rules: list[dict[str, Any]]) -> bool:
+    values = cell.model_dump()
+    for rule in rules:
+        if all(_matches(values.get(k), v) for k, v in rule.items()):
+            return True
+    return False
+
+
+def _matches(actual: Any, wanted: Any) -> bool:
+    if isinstance(wanted, str) and isinstance(actual, str):
+        # A bare model name in an exclude matches its canonical tv: form too.
+        return fnmatch.fnmatchcase(actual, wanted) or fnmatch.fnmatchcase(actual.split(":", 1)[-1], wanted)
+    return actual == wanted
+
+
+def _explain(exc: ValidationError, source: str, fields: dict[str, Any], prefix: str = "") -> str:
+    """One sentence for the first pydantic error: file, field, problem, fix."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    where = f"{prefix}.{loc}" if prefix else loc
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        return f"{source}: {where}: unknown key{close_matches(str(err['loc'][-1]), fields)}; remove it or fix its spelling"
+    if kind == "missing":
+        return f"{source}: {where}: required key is missing; add it"
+    if isinstance(value, list) and prefix != "grid" and kind != "list_type":
+        return f"{source}: {where}: expected a single value, got the list {value!r}; put lists of values under grid:"
+    if kind == "list_type":
+        return f"{source}: {where}: expected a list of values, got {value!r}; write [{value!r}]"
+    return f"{source}: {where}: {err['msg'].rstrip('.')} (got {value!r}); fix the value"
