@@ -189,7 +189,10 @@ def expand(suite: Suite, resolve_model: Callable[[str], list[str]] | None = None
         keys = list(suite.grid)
         for combo in itertools.product(*(suite.grid[k] for k in keys)):
             partials.append(("grid", dict(zip(keys, combo))))
-    partials += [(f"include[{i}]", dict(entry)) for i, entry in enumerate(suite.include)]
+    for i, entry in enumerate(suite.include):  # an include entry with lists is a small grid of its own
+        keys = list(entry)
+        values = [v if isinstance(v, list) else [v] for v in entry.values()]
+        partials += [(f"include[{i}]", dict(zip(keys, combo))) for combo in itertools.product(*values)]
 
     cells: dict[str, Cell] = {}
     for origin, partial in partials:

@@ -1,0 +1,198 @@
+"""The `bench` command: run, report, validate, models, env, fetch. Parsing and printing only."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from bench.errors import BenchError
+
+SMOKE = "smoke"  # the embedded default suite, shipped inside the package
+
+
+def _suite_path(suite: str | None) -> Path:
+    if suite is None or suite == SMOKE:
+        return Path(str(resources.files("bench") / "suites" / "smoke.yaml"))
+    return Path(suite)
+
+
+def friendly(fn):
+    """Turn a BenchError into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BenchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bench")
+def main() -> None:
+    """Compare pretrained image backbones for transfer learning."""
+
+
+def _load(suite: str | None):
+    from bench.suite import load_suite
+    from bench.validate import resolve_cells
+
+    loaded = load_suite(_suite_path(suite))
+    return loaded, resolve_cells(loaded)
+
+
+def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
+    import torch
+
+    if gpus:
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise BenchError("--gpus needs CUDA devices and this machine has none; drop --gpus to run on the CPU")
+        ids = range(count) if gpus == "all" else [int(g) for g in gpus.split(",")]
+        return tuple(f"cuda:{i}" for i in ids)
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BenchError(f"--device {device} asked for CUDA and this machine has none; use --device cpu")
+        return (device,)
+    return ("cuda:0",) if torch.cuda.is_available() else ("cpu",)
+
+
+@main.command()
+@click.argument("suite", required=False)
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--data-root", type=click.Path(path_type=Path), envvar="BENCH_DATA", help="Where datasets live (or BENCH_DATA).")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda:0 when there is one).")
+@click.option("--gpus", help="'all' or a list like 0,1: one cell per GPU at once.")
+@click.option("--rerun", is_flag=True, help="Run cells again even when they have a row (old rows are kept).")
+@click.option("--only", help="Run only cells whose id or model matches this glob, or FIELD=VALUE.")
+@click.option("--max-cells", type=int, help="Run at most N cells this time.")
+@click.option("--cell-timeout", type=float, help="Seconds after which a cell is stopped (status timeout).")
+@click.option("--max-host-mem", type=float, help="GiB of host RAM a cell's processes may use (status oom past it).")
+@click.option("--no-download", is_flag=True, help="Never try to download datasets.")
+@friendly
+def run(suite, results, data_root, device, gpus, rerun, only, max_cells, cell_timeout, max_host_mem, no_download):
+    """Run every cell of SUITE (default: the embedded smoke suite) that has no result yet."""
+    from bench.progress import Progress
+    from bench.runner import RunOptions, run_suite
+
+    loaded, cells = _load(suite)
+    options = RunOptions(results=results, data_root=data_root, devices=_default_devices(device, gpus),
+                         rerun=rerun, only=only, max_cells=max_cells, cell_timeout_s=cell_timeout,
+                         max_host_bytes=int(max_host_mem * 2**30) if max_host_mem else None,
+                         download=not no_download)
+    click.echo(f"suite {loaded.name}: {len(cells)} cells on {', '.join(options.devices)}; results in {results}/")
+    with Progress() as progress:
+        summary = run_suite(loaded, cells, options, progress.handle)
+    click.echo(f"run {summary.run_id}: {len(summary.rows)} cells run, {summary.skipped} already done")
+    if summary.rows:
+        click.echo(summary_table(summary.rows))
+    failed = [r for r in summary.rows if r["status"] != "ok"]
+    if failed:
+        click.echo(f"{len(failed)} cell(s) did not finish ok; their rows say why (bench report lists them).")
+
+
+def summary_table(rows: list[dict]) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    cols = {"cell_id": "cell", "model": "model", "resolution": "res", "batch_size": "bs", "freeze": "freeze",
+            "seed": "seed", "status": "status", "top1": "top1", "train_s": "train_s", "images_per_s": "img/s",
+            "peak_host_rss_bytes": "host_MiB", "peak_vram_allocated_bytes": "vram_MiB"}
+    frame = frame.reindex(columns=list(cols)).rename(columns=cols)
+    for col in ("host_MiB", "vram_MiB"):
+        frame[col] = (frame[col].astype("float64") / 2**20).round(0)
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
+
+
+@main.command()
+@click.argument("suite", required=False)
+@friendly
+def validate(suite):
+    """Check SUITE and print its expanded cells; runs nothing."""
+    import pandas as pd
+
+    loaded, cells = _load(suite)
+    frame = pd.DataFrame([{"id": c.id, **c.model_dump(exclude={"suite", "dataset"})} for c in cells])
+    varying = ["id"] + [c for c in frame.columns if c != "id" and frame[c].astype(str).nunique() > 1]
+    shown = varying if len(varying) > 1 else ["id", "model", "resolution", "batch_size", "freeze"]
+    click.echo(frame[shown].to_string(index=False))
+    click.echo(f"suite {loaded.name} ({loaded.source}): {len(cells)} cells, dataset {loaded.dataset}, ok")
+
+
+@main.command()
+@click.argument("pattern", required=False)
+@friendly
+def models(pattern):
+    """List backbones (optionally matching a glob such as 'resnet*' or 'timm:xception*')."""
+    from bench import models as registry
+
+    names = registry.resolve(pattern) if pattern else registry.list_models()
+    click.echo(f"{'name':32} {'source':11} {'params_M':>8} {'default_weights':22} {'native':>6} {'min':>5}")
+    for name in names:
+        i = registry.info(name)
+        fixed = "*" if i.fixed_resolution else ""
+        click.echo(f"{i.name:32} {i.source:11} {i.params_m:8.1f} {str(i.default_weights):22} "
+                   f"{i.native_resolution:6d} {i.min_resolution:4d}{fixed}")
+    click.echo(f"{len(names)} models; * = only its native resolution")
+
+
+@main.command()
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+@click.option("--run", "run_id", help="Report this run id only.")
+@click.option("--suite", help="Report this suite only.")
+@click.option("--compare", help="Compare with this run id (default: the previous run of the suite).")
+@click.option("--fail-on-regression", is_flag=True, help="Exit 1 when a regression is flagged (for CI).")
+@friendly
+def report(results, out, run_id, suite, compare, fail_on_regression):
+    """Build reports/leaderboard.md and reports/leaderboard.html from the results folder."""
+    from bench.report import build_report
+
+    outcome = build_report(results, out, run=run_id, suite=suite, compare=compare)
+    for problem in outcome.problems:
+        click.echo(f"warning: {problem}", err=True)
+    click.echo(f"wrote {outcome.markdown} and {outcome.html} ({outcome.rows} cells, {len(outcome.pngs)} plots)")
+    for line in outcome.regressions:
+        click.echo(f"regression: {line}")
+    if fail_on_regression and outcome.regressions:
+        sys.exit(1)
+
+
+@main.command()
+def env():
+    """Print the environment every result row records."""
+    import torch
+
+    from bench.measure import environment
+
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    for key, value in environment(device).items():
+        click.echo(f"{key:20} {value}")
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--data-root", type=click.Path(path_type=Path), envvar="BENCH_DATA")
+@friendly
+def fetch(names, data_root):
+    """Download weights (tv:resnet50, timm:...) or datasets (cifar10, cifar100, cinic10) for offline use."""
+    from bench import data, models
+
+    for name in names:
+        if name.partition(":")[0] in data.DATASETS:
+            data.load_splits(name, data_root, download=True)
+            click.echo(f"{name}: ready under {data_root or data.default_data_root()}")
+        else:
+            for model in models.resolve(name):
+                click.echo(f"{model}: {models.fetch_weights(model)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Measurements: synchronised clocks, peak VRAM (allocator and NVML), peak host RAM of a process
+tree, and the environment every row carries. This module measures; it never decides anything."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+def sync(device) -> None:
+    """Wait for queued device work, so a clock read afterwards includes it."""
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Seconds between synchronised reads: `lap()` returns the time since the previous lap."""
+
+    def __init__(self, device):
+        self.device = device
+        sync(device)
+        self.start = self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        sync(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+    def total(self) -> float:
+        sync(self.device)
+        return time.perf_counter() - self.start
+
+
+def tree_rss_bytes(proc: psutil.Process) -> int:
+    """Resident memory of a process and all its descendants (DataLoader workers included)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+class PeakSampler:
+    """A background thread that samples a value every `interval_s` and keeps the maximum.
+
+    Sampling can miss a spike shorter than the interval; `ru_maxrss` is recorded beside it as a
+    kernel-side cross-check of the worker's own peak.
+    """
+
+    def __init__(self, read, interval_s: float = 0.05, on_sample=None):
+        self.read, self.interval_s, self.on_sample = read, interval_s, on_sample
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> int | None:
+        try:
+            value = self.read()
+        except (psutil.Error, OSError):
+            return None
+        if value is not None:
+            self.peak = max(self.peak, value)
+            if self.on_sample is not None:
+                self.on_sample(value)
+        return value
+
+    def __enter__(self) -> PeakSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def host_maxrss_bytes() -> int:
+    """The kernel's peak resident set of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_vram(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def vram_peaks(device) -> dict[str, int | None]:
+    """Peak allocated and reserved bytes of the caching allocator since `reset_vram`."""
+    import torch
+
+    if device.type != "cuda":
+        return {"peak_vram_allocated_bytes": None, "peak_vram_reserved_bytes": None}
+    return {
+        "peak_vram_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+        "peak_vram_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+    }
+
+
+def nvml_used_reader(device):
+    """A callable reading the whole device's used memory via NVML (all processes), or None."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            index = int(visible.split(",")[index])
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # noqa: BLE001 - NVML missing or unusable: the column stays empty, by design
+        return None
+    return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device) -> dict[str, object]:
+    """Provenance columns: which machine and which library versions produced a row."""
+    import torch
+    import torchvision
+
+    import bench
+
+    try:
+        import timm
+
+        timm_version = timm.__version__
+    except ImportError:
+        timm_version = None
+    cuda = device.type == "cuda"
+    env = {
+        "device": str(device),
+        "gpu_name": torch.cuda.get_device_name(device) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "driver_version": _driver_version() if cuda else None,
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "timm_version": timm_version,
+        "python_version": sys.version.split()[0],
+        "cpu_model": _cpu_model(),
+        "hostname": socket.gethostname(),
+        "bench_version": bench.__version__,
+        "git_commit": git_commit(),
+    }
+    return env
+
+
+def _driver_version() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else version
+    except Exception:  # noqa: BLE001 - no NVML: the driver column stays empty
+        return None

@@ -1,0 +1,238 @@
+"""Ordering and resuming cells, one process per cell, time and memory limits, and turning every
+way a cell can end (crash, OOM, kill, timeout) into a result row. Executors: local, one cell per GPU."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+from bench import measure
+from bench.store import ResultStore
+from bench.suite import Cell, Suite
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a suite; none of this changes what a cell is."""
+
+    results: Path = Path("results")
+    data_root: Path | None = None
+    devices: tuple[str, ...] = ("cpu",)
+    rerun: bool = False
+    only: str | None = None
+    max_cells: int | None = None
+    cell_timeout_s: float | None = None
+    max_host_bytes: int | None = None
+    download: bool = True
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    rows: list[dict] = field(default_factory=list)
+    skipped: int = 0
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def matches(cell: Cell, pattern: str) -> bool:
+    """`--only`: a glob on the cell id or model name, or `field=value` (e.g. resolution=32)."""
+    if "=" in pattern:
+        key, _, value = pattern.partition("=")
+        return str(getattr(cell, key.strip(), None)) == value.strip()
+    bare = cell.model.split(":", 1)[-1]
+    return any(fnmatch.fnmatchcase(s, pattern) for s in (cell.id, cell.model, bare))
+
+
+def select(cells: list[Cell], done: set[str], options: RunOptions) -> tuple[list[Cell], int]:
+    """Cells still to run, in suite order; returns them and how many were skipped as already done."""
+    chosen = [c for c in cells if options.only is None or matches(c, options.only)]
+    todo = chosen if options.rerun else [c for c in chosen if c.id not in done]
+    if options.max_cells is not None:
+        todo = todo[: options.max_cells]
+    return todo, len(chosen) - len([c for c in chosen if c.id not in done or options.rerun])
+
+
+def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Callable[[dict], None] = lambda e: None) -> RunSummary:
+    """Run the cells that have no row yet; each finished cell is on disk before the next starts."""
+    store = ResultStore(options.results)
+    summary = RunSummary(run_id=new_run_id())
+    with store.lock():
+        todo, summary.skipped = select(cells, store.done_cell_ids(suite.name), options)
+        report({"kind": "suite", "total": len(todo), "skipped": summary.skipped})
+        jobs: queue.Queue[Cell] = queue.Queue()
+        for cell in todo:
+            jobs.put(cell)
+        lock = threading.Lock()
+
+        def drain(device: str) -> None:
+            while True:
+                try:
+                    cell = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                row, epochs = run_one(cell, suite, summary.run_id, device, options, store, report)
+                store.write(row, epochs)
+                with lock:
+                    summary.rows.append(row)
+                report({"kind": "cell_done", "row": row})
+
+        threads = [threading.Thread(target=drain, args=(d,)) for d in options.devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return summary
+
+
+def base_row(cell: Cell, suite: Suite, run_id: str) -> dict:
+    row = cell.model_dump(exclude={"freeze"})
+    row.update(freeze=cell.freeze_label, cell_json=cell.canonical(), run_id=run_id, suite=suite.name,
+               suite_hash=suite.hash, cell_id=cell.id, group_id=cell.group_id)
+    return row
+
+
+@dataclass
+class _Watch:
+    """What the runner saw of a worker: its memory peak and why (if at all) it was stopped."""
+
+    peak: int = 0
+    stopped_for: str | None = None
+    returncode: int | None = None
+    limit: int | None = None
+    timeout: float | None = None
+
+
+def run_one(cell: Cell, suite: Suite, run_id: str, device: str, options: RunOptions, store: ResultStore,
+            report: Callable[[dict], None]) -> tuple[dict, list[dict]]:
+    """Run one cell in a fresh process and return its row, whatever happened to the process."""
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-cell-") as tmp:
+        spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps({"cell": cell.model_dump_json(), "device": _worker_device(device),
+                                    "data_root": str(options.data_root) if options.data_root else None,
+                                    "download": options.download}))
+        log = store.log_path(suite.name, cell.id, run_id)
+        with open(log, "w") as err:
+            watch = _supervise(cell, [sys.executable, "-m", "bench.worker", str(spec), str(result)], device, options, err, report)
+        outcome = json.loads(result.read_text()) if result.is_file() else None
+    row = base_row(cell, suite, run_id)
+    row.update(_device_env(device))
+    epochs: list[dict] = []
+    if outcome is not None and watch.stopped_for is None:
+        row.update(outcome.get("row", {}))
+        row.update(status=outcome["status"], error=outcome.get("error"))
+        epochs = outcome.get("epochs", [])
+    else:
+        row.update(status=watch.stopped_for or "killed", error=_last_line(log, watch))
+    row.update(wall_s=time.perf_counter() - t0, peak_host_rss_bytes=watch.peak or None,
+               started_at=started, finished_at=datetime.now(timezone.utc))
+    return row, epochs
+
+
+def _worker_device(device: str) -> str:
+    # Each GPU worker sees one device through CUDA_VISIBLE_DEVICES, so inside it is always cuda:0.
+    return "cuda:0" if device.startswith("cuda") else device
+
+
+def _child_env(device: str) -> dict:
+    env = dict(os.environ)
+    if device.startswith("cuda"):
+        index = device.partition(":")[2] or "0"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[int(index)] if visible else index
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _supervise(cell, argv, device, options, err, report) -> _Watch:
+    """Start the worker, sample its process tree's RSS, enforce the limits, relay its progress."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=_child_env(device),
+                            start_new_session=True)  # its own process group: a kill takes its workers too
+    limit = options.max_host_bytes
+    timeout = cell.cell_timeout_s or options.cell_timeout_s
+    watch = _Watch(limit=limit, timeout=timeout)
+
+    def on_sample(rss: int) -> None:
+        if limit and rss > limit and watch.stopped_for is None:
+            watch.stopped_for = "oom"
+            _kill_group(proc)
+
+    sampler = measure.PeakSampler(lambda: measure.tree_rss_bytes(psutil.Process(proc.pid)), on_sample=on_sample)
+    relay = threading.Thread(target=_relay, args=(proc, report), daemon=True)
+    with sampler:
+        relay.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            watch.stopped_for = watch.stopped_for or "timeout"
+            _kill_group(proc)
+            proc.wait()
+        relay.join(timeout=5)
+    watch.peak = sampler.peak
+    if proc.returncode and proc.returncode < 0 and watch.stopped_for is None:
+        watch.stopped_for = "killed"
+    watch.returncode = proc.returncode
+    return watch
+
+
+def _relay(proc: subprocess.Popen, report: Callable[[dict], None]) -> None:
+    for line in proc.stdout:  # type: ignore[union-attr]
+        try:
+            report(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a library printing to stdout: not a progress event
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _last_line(log: Path, watch: _Watch) -> str:
+    """The error message for a worker that did not report: why it was stopped, and its last words."""
+    code = watch.returncode
+    if watch.stopped_for == "oom":
+        reason = f"host RAM of the cell's processes passed the limit of {(watch.limit or 0) / 2**30:.2f} GiB"
+    elif watch.stopped_for == "timeout":
+        reason = f"the cell ran past its time limit of {watch.timeout:g} s"
+    elif code is not None and code < 0:
+        reason = f"the worker was killed by {signal.Signals(-code).name}"
+        if -code == signal.SIGKILL:
+            reason += " (often the kernel's out-of-memory killer)"
+    else:
+        reason = f"the worker exited with code {code} without a result"
+    tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    return reason + (f"; last output: {tail[-1][:300]}" if tail else "")
+
+
+_ENV_CACHE: dict[str, dict] = {}
+
+
+def _device_env(device: str) -> dict:
+    """Provenance for rows whose worker died before reporting its own."""
+    if device not in _ENV_CACHE:
+        import torch
+
+        _ENV_CACHE[device] = measure.environment(torch.device(device))
+    return dict(_ENV_CACHE[device])

@@ -1,0 +1,120 @@
+"""The worker: one process runs one cell and writes its outcome as JSON for the runner.
+
+Run as `python -m bench.worker SPEC.json RESULT.json`. Progress events go to stdout as JSON
+lines; the traceback of a failure goes to stderr (the runner keeps it as the cell's log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.errors import BenchError, UnavailableError
+from bench.suite import Cell
+
+
+def emit(event: dict) -> None:
+    print(json.dumps(event, default=str), flush=True)
+
+
+def _inject_fault(cell: Cell) -> None:
+    """Test hook: BENCH_FAULTS maps cell ids to a failure to act out (raise, sleep:S, alloc:BYTES,
+    sigkill), so the runner's handling of each failure is tested on real processes."""
+    action = json.loads(os.environ.get("BENCH_FAULTS", "{}")).get(cell.id)
+    if not action:
+        return
+    kind, _, arg = action.partition(":")
+    if kind == "raise":
+        raise RuntimeError("injected failure")
+    if kind == "sleep":
+        time.sleep(float(arg))
+    if kind == "alloc":
+        import numpy as np
+
+        block = np.ones(int(arg), dtype=np.uint8)  # touched pages: real resident memory
+        time.sleep(2.0)
+        del block
+    if kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
+    """Load data, build the model, train and evaluate; return the row fields and the epoch table."""
+    import torch
+
+    from bench import data, measure, models, train
+
+    started = time.perf_counter()
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    measure.reset_vram(device)
+    torch.manual_seed(cell.seed)
+    nvml = measure.nvml_used_reader(device)
+    sampler = measure.PeakSampler(nvml) if nvml else None
+    if sampler:
+        sampler.__enter__()
+    try:
+        splits = data.load_splits(cell.dataset, Path(spec["data_root"]) if spec.get("data_root") else None,
+                                  val_fraction=cell.val_fraction, train_subset=cell.train_subset,
+                                  test_subset=cell.test_subset, download=spec.get("download", True))
+        num_classes = len(splits.classes)
+        backbone = models.build(cell, num_classes)
+        _inject_fault(cell)
+        setup_s = time.perf_counter() - started
+        outcome = train.run_cell(cell, splits, backbone, device, num_classes,
+                                 lambda ev: emit({**ev, "cell_id": cell.id}))
+    finally:
+        if sampler:
+            sampler.__exit__(None, None, None)
+    row = dict(
+        num_classes=num_classes, class_names=splits.classes, train_images=len(splits.train),
+        val_images=len(splits.val), test_images=len(splits.test), loader=splits.loader,
+        trainable_params=backbone.trainable_params, total_params=backbone.total_params,
+        frozen_layers=backbone.frozen_layers, total_layers=backbone.total_layers, weights=backbone.weights,
+        flops_per_image=models.flops_per_image(cell.model, cell.resolution, num_classes),
+        setup_s=setup_s, peak_vram_nvml_bytes=sampler.peak if sampler else None,
+        peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **measure.vram_peaks(device),
+        **measure.environment(device),
+    )
+    row.update(outcome.row)
+    if cell.compile:
+        row["compile_s"] = row.get("warmup_s")
+    return row, outcome.epochs
+
+
+def classify(exc: BaseException) -> str:
+    """The status a failure earns: out of memory, something missing, or an error."""
+    import torch
+
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower():
+        return "oom"
+    if isinstance(exc, UnavailableError):
+        return "unavailable"
+    return "error"
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[1]).read_text())
+    cell = Cell.model_validate_json(spec["cell"])
+    try:
+        row, epochs = work(cell, spec)
+        result = {"status": "ok", "row": row, "epochs": epochs}
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a result row, none is swallowed
+        if not isinstance(exc, BenchError):
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+        result = {"status": classify(exc), "error": f"{exc.__class__.__name__}: {message}"[:2000]}
+    tmp = Path(argv[2] + ".tmp")
+    tmp.write_text(json.dumps(result, default=str))
+    os.replace(tmp, argv[2])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
