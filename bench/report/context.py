@@ -1,0 +1,58 @@
+"""Everything one report is built from, derived once from a `Selection`: the sections and plots only read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import seaborn as sns
+
+from bench.report import tables
+from bench.report.compare import compare_runs
+from bench.report.select import Selection
+
+
+@dataclass(frozen=True)
+class ReportData:
+    current: pd.DataFrame  # every shown cell (one row each), whatever its status or mode
+    trained: pd.DataFrame  # status ok, mode train: the cells with an accuracy
+    failed: pd.DataFrame  # status != ok
+    groups: pd.DataFrame  # leaderboard: one row per config, seeds folded
+    speed: pd.DataFrame  # throughput-mode configs
+    epochs: pd.DataFrame  # per-epoch rows of the shown cells
+    comparison: pd.DataFrame  # per-cell change against `baseline_runs`
+    baseline_runs: dict[str, str]
+    config: list[str]  # config columns shown in tables
+    extra: list[str]  # varying config columns beyond the key axes (they name a config in plots)
+    palette: dict[str, tuple[float, float, float]]  # model -> colour, the same in every plot
+    top1_drop: float
+    speed_drop: float
+
+
+def model_palette(models: list[str]) -> dict[str, tuple[float, float, float]]:
+    """One colour per model for every plot; colour-blind safe while there are few enough models."""
+    names = sorted(set(models))
+    colours = sns.color_palette("colorblind" if len(names) <= 10 else "husl", max(len(names), 1))
+    return dict(zip(names, colours))
+
+
+def make_context(selection: Selection, *, top1_drop: float, speed_drop: float) -> ReportData:
+    current = selection.current
+    ok = current["status"] == "ok"
+    throughput = current["mode"] == "throughput"
+    trained, speed_rows = current[ok & ~throughput], current[ok & throughput]
+    config = tables.config_columns(current)
+    extra = [c for c in config if c not in tables.KEY_CONFIG and c != "suite"]
+    groups = tables.leaderboard(trained, config)
+    groups["label"] = [tables.config_label(r, extra) for _, r in groups.iterrows()]
+    # A config whose seeds partly failed shows it next to n, so a mean over fewer seeds is not mistaken for all.
+    failed = current[~ok].groupby(tables.GROUP).size().rename("n_failed")
+    groups = groups.join(failed, on=tables.GROUP).fillna({"n_failed": 0})
+    return ReportData(
+        current=current, trained=trained, failed=current[~ok], groups=groups,
+        speed=tables.speed_table(speed_rows, config), epochs=selection.epochs,
+        comparison=compare_runs(current, selection.baseline, extra, top1_drop=top1_drop, speed_drop=speed_drop),
+        baseline_runs=selection.baseline_runs, config=config, extra=extra,
+        palette=model_palette(list(current["model"].dropna().astype(str))),
+        top1_drop=top1_drop, speed_drop=speed_drop,
+    )
