@@ -102,7 +102,7 @@ class ResultStore:
     def done_cell_ids(self, suite: str) -> set[str]:
         """Cell ids that already have a row: file names suffice, as every file is renamed into place whole."""
         folder = self.root / suite / "cells"
-        return {p.name.split("--")[0] for p in folder.glob("*.parquet")} if folder.is_dir() else set()
+        return {p.name.split("--")[0] for p in _parquet_files(folder)}
 
     def write(self, row: dict, epochs: list[dict]) -> Path:
         """Write one cell's row and its epoch table; the row is renamed into place last (it marks 'done')."""
@@ -118,8 +118,9 @@ class ResultStore:
 
     def read(self) -> Results:
         problems: list[str] = []
-        cells = _read_all(sorted(self.root.glob("*/cells/*.parquet")), REQUIRED, problems)
-        epochs = _read_all(sorted(self.root.glob("*/epochs/*.parquet")), ("run_id", "cell_id", "epoch"), problems)
+        suites = sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+        cells = _read_all([f for s in suites for f in _parquet_files(s / "cells")], REQUIRED, problems)
+        epochs = _read_all([f for s in suites for f in _parquet_files(s / "epochs")], ("run_id", "cell_id", "epoch"), problems)
         return Results(cells=cells, epochs=epochs, problems=problems)
 
     @contextlib.contextmanager
@@ -139,6 +140,11 @@ class ResultStore:
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
+
+
+def _parquet_files(folder: Path) -> list[Path]:
+    """Finished files only: a write interrupted by a kill leaves a hidden .tmp- file, never a row."""
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
 
 
 def _atomic_parquet(table: pa.Table, target: Path) -> None:

@@ -99,7 +99,17 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the runner dies (kill -9 included), so no orphan trains on."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def main(argv: list[str]) -> int:
+    _die_with_parent()
     spec = json.loads(Path(argv[1]).read_text())
     cell = Cell.model_validate_json(spec["cell"])
     try:

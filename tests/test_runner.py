@@ -1,0 +1,143 @@
+"""The runner on real processes: every way a cell can end leaves the right row, the suite goes
+on, a killed run resumes with each cell exactly once, and two runs never share a folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from bench import measure
+from bench.errors import ResultsError
+from bench.runner import RunOptions, matches, run_suite
+from bench.store import ResultStore
+from bench.suite import Cell, expand, parse_suite
+
+TINY = {"steps": 2, "batch_size": 16, "train_subset": 64, "test_subset": 32, "pretrained": False,
+        "resolution": 32, "epochs": 1}
+
+
+def tiny_suite(name: str, seeds: list[int], **extra):
+    return parse_suite({"name": name, "dataset": "synthetic", "defaults": {**TINY, "seeds": seeds, **extra},
+                        "grid": {"model": ["tv:mobilenet_v3_small"]}})
+
+
+def test_each_failure_mode_leaves_its_status_and_the_suite_completes(tmp_path, monkeypatch):
+    suite = tiny_suite("faults", [0, 1, 2, 3, 4])
+    cells = expand(suite)
+    faults = {cells[1].id: "raise", cells[2].id: "alloc:900000000", cells[3].id: "sleep:300", cells[4].id: "sigkill"}
+    monkeypatch.setenv("BENCH_FAULTS", json.dumps(faults))
+    # cell 3 sleeps: give every cell a limit that the healthy ones meet with room to spare
+    options = RunOptions(results=tmp_path, cell_timeout_s=60, max_host_bytes=800 * 2**20)
+    summary = run_suite(suite, cells, options)
+    status = {r["cell_id"]: r for r in summary.rows}
+    assert [status[c.id]["status"] for c in cells] == ["ok", "error", "oom", "timeout", "killed"]
+    assert "injected failure" in status[cells[1].id]["error"]
+    assert "limit of 0.78 GiB" in status[cells[2].id]["error"]
+    assert "time limit of 60 s" in status[cells[3].id]["error"]
+    assert "SIGKILL" in status[cells[4].id]["error"]
+    ok = status[cells[0].id]
+    assert 0 <= ok["top1"] <= 1 and ok["train_s"] > 0 and ok["peak_host_rss_bytes"] > 50 * 2**20
+    # every row is on disk, failed ones included, and reads back
+    back = ResultStore(tmp_path).read()
+    assert sorted(back.cells["cell_id"]) == sorted(c.id for c in cells) and not back.problems
+    assert (tmp_path / "faults" / "logs").is_dir()
+
+
+def test_second_run_skips_done_cells_and_rerun_keeps_old_rows(tmp_path):
+    suite = tiny_suite("again", [0])
+    cells = expand(suite)
+    first = run_suite(suite, cells, RunOptions(results=tmp_path))
+    second = run_suite(suite, cells, RunOptions(results=tmp_path))
+    assert len(first.rows) == 1 and second.rows == [] and second.skipped == 1
+    third = run_suite(suite, cells, RunOptions(results=tmp_path, rerun=True))
+    assert len(third.rows) == 1
+    rows = ResultStore(tmp_path).read().cells
+    assert len(rows) == 2 and rows["run_id"].nunique() == 2  # nothing recorded is overwritten
+
+
+def test_only_and_max_cells_narrow_a_run(tmp_path):
+    suite = tiny_suite("narrow", [0, 1, 2])
+    cells = expand(suite)
+    assert matches(cells[0], "mobilenet*") and matches(cells[1], "seed=1") and not matches(cells[1], "seed=2")
+    assert matches(cells[2], cells[2].id)
+    summary = run_suite(suite, cells, RunOptions(results=tmp_path, only="seed=1"))
+    assert [r["seed"] for r in summary.rows] == [1]
+    summary = run_suite(suite, cells, RunOptions(results=tmp_path, max_cells=1))
+    assert [r["seed"] for r in summary.rows] == [0]
+
+
+def test_a_locked_results_folder_is_refused(tmp_path):
+    suite = tiny_suite("locked", [0])
+    with ResultStore(tmp_path).lock():
+        with pytest.raises(ResultsError, match="another bench run"):
+            run_suite(suite, expand(suite), RunOptions(results=tmp_path))
+
+
+def _bench(*args, cwd: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_two_concurrent_runs_do_not_share_a_folder(tmp_path):
+    (tmp_path / "s.yaml").write_text(json.dumps({"name": "both", "dataset": "synthetic", "defaults": {**TINY, "seeds": [0, 1]},
+                                                 "grid": {"model": ["mobilenet_v3_small"]}}))
+    first = _bench("run", "s.yaml", "--results", "res", cwd=tmp_path)
+    deadline = time.time() + 60
+    while not (tmp_path / "res" / ".lock").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    second = _bench("run", "s.yaml", "--results", "res", cwd=tmp_path)
+    out2, _ = second.communicate(timeout=120)
+    first.communicate(timeout=300)
+    assert second.returncode == 2 and "another bench run" in out2
+    rows = ResultStore(tmp_path / "res").read().cells
+    assert sorted(rows["seed"]) == [0, 1]
+
+
+@pytest.mark.parametrize("kill_after_s", [4.0, 9.0, 14.0])
+def test_killed_run_resumes_with_each_cell_exactly_once(tmp_path, kill_after_s):
+    (tmp_path / "s.yaml").write_text(json.dumps({"name": "resume", "dataset": "synthetic", "defaults": {**TINY, "seeds": [0, 1, 2]},
+                                                 "grid": {"model": ["mobilenet_v3_small"]}}))
+    victim = _bench("run", "s.yaml", "--results", "res", cwd=tmp_path)
+    time.sleep(kill_after_s)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    finish = _bench("run", "s.yaml", "--results", "res", cwd=tmp_path)
+    out, _ = finish.communicate(timeout=300)
+    assert finish.returncode == 0, out
+    rows = ResultStore(tmp_path / "res").read().cells
+    assert sorted(rows["seed"]) == [0, 1, 2], out
+    assert rows["cell_id"].is_unique and set(rows["status"]) == {"ok"}
+
+
+def test_host_ram_probe_measures_a_known_allocation():
+    size = 400 * 2**20
+    code = ("import numpy as np, time, sys; time.sleep(0.6); print('go', flush=True); "
+            f"a = np.ones({size}, dtype=np.uint8); time.sleep(0.8)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    process = psutil.Process(proc.pid)
+    time.sleep(0.4)
+    baseline = measure.tree_rss_bytes(process)
+    with measure.PeakSampler(lambda: measure.tree_rss_bytes(process), interval_s=0.02) as sampler:
+        proc.wait()
+    grown = sampler.peak - baseline
+    assert abs(grown - size) < 0.1 * size, (grown, size)
+
+
+def test_tree_rss_includes_children():
+    code = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import numpy as np, time; a = np.ones(300 * 2**20, dtype=np.uint8); time.sleep(3)']); time.sleep(3); p.wait()"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(2.0)
+    total = measure.tree_rss_bytes(psutil.Process(proc.pid))
+    own = psutil.Process(proc.pid).memory_info().rss
+    proc.wait()
+    assert total - own > 250 * 2**20
