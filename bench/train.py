@@ -253,8 +253,9 @@ def run_cell(cell: Cell, splits, backbone, device: torch.device, num_classes: in
     test = loader(splits.test, False, "none")
     plan = make_plan(cell, len(train), device)
     clock = Clock(device)
-    if cached:
-        return _fit_on_features(cell, plan, model, backbone.head, (train, val, test), device, num_classes, progress, clock)
+    if cached:  # features of every training image, in order; the FeatureLoader shuffles as `train` would
+        everything = loader(splits.train, False, "none")
+        return _fit_on_features(cell, plan, model, backbone.head, (everything, val, test), device, num_classes, progress, clock)
     forward = torch.compile(model) if cell.compile else model
     stepper = Stepper(model, cell, plan, device, forward)
     if cell.mode == "throughput":

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Before torch loads OpenMP: see bench/runner.py, _child_env (spinning threads on a shared 2-core machine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ASSETS = Path(os.environ.get("BENCH_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 CIFAR_JPG = ASSETS / "cifar10-jpg.tar.gz"
 

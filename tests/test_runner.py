@@ -33,15 +33,15 @@ def tiny_suite(name: str, seeds: list[int], **extra):
 def test_each_failure_mode_leaves_its_status_and_the_suite_completes(tmp_path, monkeypatch):
     suite = tiny_suite("faults", [0, 1, 2, 3, 4])
     cells = expand(suite)
-    faults = {cells[1].id: "raise", cells[2].id: "alloc:900000000", cells[3].id: "sleep:300", cells[4].id: "sigkill"}
+    faults = {cells[1].id: "raise", cells[2].id: "alloc:3500000000", cells[3].id: "sleep:300", cells[4].id: "sigkill"}
     monkeypatch.setenv("BENCH_FAULTS", json.dumps(faults))
     # cell 3 sleeps: give every cell a limit that the healthy ones meet with room to spare
-    options = RunOptions(results=tmp_path, cell_timeout_s=60, max_host_bytes=800 * 2**20)
+    options = RunOptions(results=tmp_path, cell_timeout_s=60, max_host_bytes=2 * 2**30)
     summary = run_suite(suite, cells, options)
     status = {r["cell_id"]: r for r in summary.rows}
     assert [status[c.id]["status"] for c in cells] == ["ok", "error", "oom", "timeout", "killed"]
     assert "injected failure" in status[cells[1].id]["error"]
-    assert "limit of 0.78 GiB" in status[cells[2].id]["error"]
+    assert "limit of 2.00 GiB" in status[cells[2].id]["error"]
     assert "time limit of 60 s" in status[cells[3].id]["error"]
     assert "SIGKILL" in status[cells[4].id]["error"]
     ok = status[cells[0].id]

@@ -1,0 +1,111 @@
+"""The command line end to end: the smoke suite to a leaderboard, resume, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.store import ResultStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The README's first command, minus the install: run the smoke suite, then report."""
+    work = tmp_path_factory.mktemp("smoke")
+    ran = bench("run", str(ROOT / "suites" / "smoke.yaml"), cwd=work)
+    reported = bench("report", cwd=work)
+    return work, ran, reported
+
+
+def test_smoke_run_leaves_a_parquet_file_per_cell(smoke):
+    work, ran, _ = smoke
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    files = sorted((work / "results" / "smoke" / "cells").glob("*.parquet"))
+    assert len(files) == 4
+    rows = ResultStore(work / "results").read().cells
+    assert set(rows["status"]) == {"ok"} and rows["cell_id"].is_unique
+    assert set(rows["model"]) == {"tv:mobilenet_v3_small", "tv:resnet18"} and set(rows["resolution"]) == {32, 64}
+    assert (rows["peak_host_rss_bytes"] > 0).all() and (rows["train_s"] > 0).all()
+    assert "4 cells run, 0 already done" in ran.stdout
+    for cell_id in rows["cell_id"]:
+        assert cell_id in ran.stdout  # the closing summary table lists every cell
+
+
+def test_smoke_report_lists_every_cell_in_both_files(smoke):
+    work, _, reported = smoke
+    assert reported.returncode == 0, reported.stderr
+    md = (work / "reports" / "leaderboard.md").read_text()
+    html = (work / "reports" / "leaderboard.html").read_text()
+    rows = ResultStore(work / "results").read().cells
+    for cell_id in rows["cell_id"]:
+        assert cell_id in md and cell_id in html
+    assert "<img" in html and "data:image/png;base64," in html
+    assert list((work / "reports").glob("*.png"))
+
+
+def test_second_run_redoes_nothing_and_adds_no_rows(smoke):
+    work, _, _ = smoke
+    again = bench("run", str(ROOT / "suites" / "smoke.yaml"), cwd=work)
+    assert again.returncode == 0 and "0 cells run, 4 already done" in again.stdout
+    assert len(ResultStore(work / "results").read().cells) == 4
+
+
+def test_report_survives_a_corrupt_file_and_names_it(smoke, tmp_path):
+    work, _, _ = smoke
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(work / "results", results)
+    bad = results / "smoke" / "cells" / "deadbeef--broken.parquet"
+    bad.write_bytes(b"this is not parquet")
+    out = bench("report", "--results", str(results), "--out", str(tmp_path / "rep"), cwd=tmp_path)
+    assert out.returncode == 0 and str(bad) in out.stderr
+    assert (tmp_path / "rep" / "leaderboard.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("name: t\ndataset: synthetic\ngrid: {model: [resnet18]\n", "not valid YAML"),
+        ("name: t\ndataset: synthetic\ngrid: {model: [resnet18], colour: [red]}\n", "grid.colour: unknown key"),
+        ("name: t\ndataset: synthetic\ngrid: {model: [resnt18]}\n", "resnet18"),
+        ("name: t\ndataset: synthetic\ndefaults: {batch_size: [8, 16]}\ngrid: {model: [resnet18]}\n", "defaults.batch_size"),
+        ("name: t\ndataset: synthetic\ngrid: {}\n", "no cells"),
+        ("name: t\ndataset: synthetic\ngrid: {model: [inception_v3], resolution: [32]}\n", "inception_v3"),
+        ("name: t\ndataset: cifar11\ngrid: {model: [resnet18]}\n", "cifar10"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_malformed_suites_fail_with_one_line_and_exit_2(tmp_path, text, expected, command):
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(text)
+    extra = ["--results", str(tmp_path / "r")] if command == "run" else []
+    out = bench(command, str(suite), *extra, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr
+    assert str(suite) in lines[0] and expected in lines[0]
+    assert not (tmp_path / "r").exists()  # nothing ran, nothing was written
+
+
+def test_full_suite_validates(tmp_path):
+    out = bench("validate", str(ROOT / "suites" / "cifar_full.yaml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "204 cells" in out.stdout and "tv:vit_b_16" in out.stdout and "tv:inception_v3" in out.stdout
+
+
+def test_models_lists_a_pattern(tmp_path):
+    out = bench("models", "resnet*", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "tv:resnet50" in out.stdout and "tv:vgg16" not in out.stdout and "IMAGENET1K" in out.stdout
+    unknown = bench("models", "resnt50", cwd=tmp_path)
+    assert unknown.returncode == 2 and "resnet50" in unknown.stderr

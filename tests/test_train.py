@@ -1,0 +1,154 @@
+"""The training loop honours every option it records: schedule, precision, memory format,
+freezing, early stop, feature caching, throughput mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench import data, models, train
+from bench.suite import Cell
+
+CPU = torch.device("cpu")
+SMALL = dict(dataset="synthetic", resolution=32, batch_size=16, train_subset=96, test_subset=48, pretrained=False)
+
+
+def run(cell: Cell, events: list | None = None):
+    splits = data.load_splits(cell.dataset, val_fraction=cell.val_fraction, train_subset=cell.train_subset,
+                              test_subset=cell.test_subset)
+    torch.manual_seed(cell.seed)  # as the worker does: the new head's initialisation is reproducible
+    backbone = models.build(cell, len(splits.classes))
+    outcome = train.run_cell(cell, splits, backbone, CPU, len(splits.classes), (events if events is not None else []).append)
+    return backbone, outcome
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    plan = train.Plan(precision="fp32", lr=0.1, steps_per_epoch=10, total_steps=110, warmup_steps=10)
+    assert [train.lr_factor(s, plan, "cosine") for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert train.lr_factor(10, plan, "cosine") == pytest.approx(1.0)
+    assert train.lr_factor(60, plan, "cosine") == pytest.approx(0.5)
+    assert train.lr_factor(110, plan, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert train.lr_factor(60, plan, "constant") == 1.0
+
+
+def test_optimizer_sees_the_schedule_and_decays_only_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    cell = Cell(model="m", lr=0.2, weight_decay=0.01, warmup_fraction=0.0)
+    plan = train.make_plan(cell, steps_per_epoch=4, device=CPU)
+    opt, sched = train.make_optimizer(model, cell, plan)
+    decay, no_decay = opt.param_groups
+    assert all(p.ndim > 1 for p in decay["params"]) and decay["weight_decay"] == 0.01
+    assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert opt.defaults["nesterov"] is True
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.2 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+
+
+def test_default_lr_follows_the_documented_rules():
+    assert train.default_lr(Cell(model="m")) == 0.01
+    assert train.default_lr(Cell(model="m", freeze="all")) == pytest.approx(0.1)
+    assert train.default_lr(Cell(model="m", pretrained=False)) == pytest.approx(0.05)
+    assert train.default_lr(Cell(model="m", optimizer="adamw")) == 1e-3
+    assert train.default_lr(Cell(model="m", lr=0.3)) == 0.3
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_activations_use_the_requested_precision(precision, dtype):
+    cell = Cell(model="tv:resnet18", precision=precision, steps=1, **SMALL)
+    seen = []
+    splits = data.load_splits("synthetic", train_subset=32, test_subset=16)
+    backbone = models.build(cell, 10)
+    backbone.model.layer1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    _, outcome = None, train.run_cell(cell, splits, backbone, CPU, 10, lambda e: None)
+    assert outcome.row["precision"] == precision and seen[0] == dtype
+
+
+def test_auto_precision_is_fp32_on_the_cpu():
+    assert train.resolve_precision(Cell(model="m"), CPU) == "fp32"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_memory_format_is_honoured(channels_last):
+    cell = Cell(model="tv:resnet18", channels_last=channels_last, steps=1, **SMALL)
+    seen = []
+    splits = data.load_splits("synthetic", train_subset=32, test_subset=16)
+    backbone = models.build(cell, 10)
+    backbone.model.conv1.register_forward_pre_hook(lambda m, i: seen.append(i[0].is_contiguous(memory_format=torch.channels_last)))
+    train.run_cell(cell, splits, backbone, CPU, 10, lambda e: None)
+    assert seen[0] is channels_last
+    assert backbone.model.conv1.weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+
+
+def test_frozen_parameters_and_bn_statistics_do_not_move():
+    cell = Cell(model="tv:resnet18", freeze=0.5, steps=3, **SMALL)
+    splits = data.load_splits("synthetic", train_subset=64, test_subset=16)
+    backbone = models.build(cell, 10)
+    before = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+    frozen = {n for n, p in backbone.model.named_parameters() if not p.requires_grad}
+    assert frozen and len(frozen) < len(before)
+    train.run_cell(cell, splits, backbone, CPU, 10, lambda e: None)
+    after = backbone.model.state_dict()
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), name
+    assert torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])  # bn1 sits in the frozen half
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    assert not torch.equal(before["layer4.1.bn2.running_mean"], after["layer4.1.bn2.running_mean"])
+
+
+def test_early_stop_at_the_target_accuracy():
+    cell = Cell(model="tv:resnet18", epochs=4, target_top1=0.01, **SMALL)
+    _, outcome = run(cell)
+    assert outcome.row["epochs_run"] == 1 and outcome.row["target_reached"] is True
+    assert 0 < outcome.row["time_to_target_s"] <= outcome.row["train_s"]
+    assert len(outcome.epochs) == 1
+
+
+def test_without_target_all_epochs_run_and_metrics_are_recorded():
+    cell = Cell(model="tv:resnet18", epochs=2, **SMALL)
+    events = []
+    _, outcome = run(cell, events)
+    row = outcome.row
+    assert row["epochs_run"] == 2 and row["target_reached"] is None and len(outcome.epochs) == 2
+    assert 0 <= row["top1"] <= row["top5"] <= 1
+    assert len(row["confusion_matrix"]) == 10 and sum(map(sum, row["confusion_matrix"])) == 48
+    assert row["images_per_s"] > 0 and row["warmup_s"] < row["train_s"]
+    assert [e["kind"] for e in events if e["kind"] != "step"] == ["start", "epoch", "epoch"]
+
+
+def test_steps_cap_training():
+    cell = Cell(model="tv:resnet18", epochs=3, steps=4, **SMALL)
+    _, outcome = run(cell)
+    assert outcome.row["steps_run"] == 4
+
+
+def test_feature_cache_matches_end_to_end_linear_probe():
+    """With augmentation off and a frozen backbone, training the head on cached features sees the same
+    inputs in the same order as training end to end: the results agree, one backbone pass instead of many."""
+    common = dict(model="tv:resnet18", freeze="all", augment="none", epochs=2, val_fraction=0.0, **SMALL)
+    _, cached = run(Cell(feature_cache="auto", **common))
+    _, direct = run(Cell(feature_cache="off", **common))
+    assert cached.row["feature_cache_used"] is True and direct.row["feature_cache_used"] is False
+    assert cached.row["top1"] == pytest.approx(direct.row["top1"], abs=0.03)
+    assert cached.epochs[-1]["train_loss"] == pytest.approx(direct.epochs[-1]["train_loss"], rel=1e-3)
+
+
+def test_throughput_mode_times_steps_without_evaluating():
+    cell = Cell(model="tv:resnet18", mode="throughput", throughput_warmup_steps=2, throughput_steps=3, **SMALL)
+    _, outcome = run(cell)
+    row = outcome.row
+    assert row["steps_run"] == 5 and row["images_per_s"] > 0 and "top1" not in row
+
+
+def test_auxiliary_heads_add_their_loss():
+    y = torch.tensor([0, 1])
+    main, aux = torch.randn(2, 3), torch.randn(2, 3)
+    plain, _ = train.classification_loss(main, y, 0.0)
+    both, logits = train.classification_loss((main, aux), y, 0.0)
+    expected = plain + 0.4 * torch.nn.functional.cross_entropy(aux, y)
+    assert torch.allclose(both, expected) and logits is main
