@@ -359,41 +359,57 @@ class DeviceLoader:
 
     def transform(self, batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalised float (B, 3, R, R), augmented when training."""
-        x = batch.permute(0, 3, 1, 2).float().div_(255)
-        x = augment_batch(x, self.resolution, self.augment, gen)
+        x = augment_batch(batch, self.augment, gen)
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        x = resize(x, self.resolution)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
 
-def augment_batch(x: torch.Tensor, resolution: int, augment: str, gen: torch.Generator | None) -> torch.Tensor:
-    """Random crop with zero padding, flip (and small rotations for `strong`) fused with the resize.
+def augment_batch(batch: torch.Tensor, augment: str, gen: torch.Generator | None) -> torch.Tensor:
+    """Augment at the source resolution, where it is cheap: uint8 (B, H, W, 3) -> float in [0, 1],
+    laid out (B, 3, H, W) over channels-last memory.
 
-    One affine grid per image does translate + flip + rotate + resize in a single `grid_sample`:
-    a translation of 2*dx/W in normalised coordinates is exactly crop-after-pad-by-dx followed by
-    a bilinear resize, without ever materialising the padded or resized intermediate.
+    `standard` is torchvision's RandomCrop(padding=H/8, fill=0) + RandomHorizontalFlip, done for the
+    whole batch as one gather of shifted (and mirrored) row and column indices; `strong` adds a
+    rotation of up to 15 degrees (zero fill) by one `grid_sample`. Resizing comes after, once.
     """
-    size = x.shape[-1]
-    if resolution < size:  # downscaling: antialias first so the sampled grid does not alias
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-        size = resolution
-    if augment == "none":
-        if size == resolution:
-            return x
-        return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    b, dev = x.shape[0], x.device
-    pad = max(1, size // 8)  # CIFAR's classic 4 px at 32 px
-    shift = torch.randint(-pad, pad + 1, (b, 2), device=dev, generator=gen).float() * (2.0 / size)
-    flip = torch.where(torch.rand(b, device=dev, generator=gen) < 0.5, -1.0, 1.0)
-    angle = torch.zeros(b, device=dev)
+    if augment != "none":
+        batch = _crop_flip(batch, gen)
+    x = batch.permute(0, 3, 1, 2).float().div_(255)
     if augment == "strong":
-        angle = (torch.rand(b, device=dev, generator=gen) * 2 - 1) * math.radians(15)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([
-        torch.stack([cos * flip, -sin, shift[:, 0]], dim=1),
-        torch.stack([sin * flip, cos, shift[:, 1]], dim=1),
-    ], dim=1)
-    grid = F.affine_grid(theta, [b, 3, resolution, resolution], align_corners=False)
+        x = _rotate(x, math.radians(15), gen)
+    return x
+
+
+def _crop_flip(batch: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    b, h, w, _ = batch.shape
+    pad, dev = max(1, h // 8), batch.device
+    padded = F.pad(batch, (0, 0, pad, pad, pad, pad))  # zeros around H and W of (B, H, W, C)
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=gen)
+    flip = torch.rand(b, 1, device=dev, generator=gen) < 0.5
+    cols = torch.arange(w, device=dev).expand(b, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx
+    rows = torch.arange(h, device=dev) + dy
+    index = torch.arange(b, device=dev)[:, None, None]
+    return padded[index, rows[:, :, None], cols[:, None, :]]
+
+
+def _rotate(x: torch.Tensor, max_angle: float, gen: torch.Generator | None) -> torch.Tensor:
+    b = x.shape[0]
+    angle = (torch.rand(b, device=x.device, generator=gen) * 2 - 1) * max_angle
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Bilinear resize to the cell's resolution (antialiased when shrinking), on the device."""
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                         antialias=resolution < x.shape[-1])
 
 
 def make_loader(split: ImageArrays | FileList, *, batch_size: int, resolution: int, device: torch.device,

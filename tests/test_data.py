@@ -214,13 +214,16 @@ def test_epochs_reshuffle_and_crops_differ():
     assert diffs > 48  # of 64; a few may draw the same shift and flip by chance
 
 
-def test_standard_crop_is_an_integer_pixel_shift_with_zero_padding():
-    """At native size, the fused affine sample equals pad-then-crop: every pixel is a source pixel or 0."""
-    img = torch.rand(8, 3, 32, 32)
-    out = data.augment_batch(img, 32, "standard", torch.Generator().manual_seed(1))
+def test_standard_crop_is_a_shifted_flipped_window_of_the_zero_padded_image():
+    """Each output equals torchvision's RandomCrop(padding=4) + flip for some shift and flip."""
+    img = torch.randint(1, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    out = data.augment_batch(img, "standard", torch.Generator().manual_seed(1))
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
+    padded = torch.nn.functional.pad(img.permute(0, 3, 1, 2).float() / 255, (4, 4, 4, 4))
     for k in range(8):
-        source = set(np.round(img[k].flatten().numpy(), 4)) | {0.0}
-        assert set(np.round(out[k].flatten().numpy(), 4)) <= source
+        candidates = [padded[k, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        candidates += [c.flip(-1) for c in candidates]
+        assert any(torch.equal(out[k], c) for c in candidates), k
 
 
 def test_evaluation_is_deterministic_and_in_order():

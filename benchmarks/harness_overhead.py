@@ -1,0 +1,95 @@
+"""Harness step vs bare loop: images per second of bench's full training step (device loader with
+augmentation and resize, the Stepper with its schedule, scaler and on-device metrics) against a
+bare loop over one batch already on the device, same model, precision and memory format.
+
+    python benchmarks/harness_overhead.py            # CPU: small models at 32 px; GPU: adds 224 px
+    python benchmarks/harness_overhead.py --quick
+
+Each configuration alternates harness and bare measurements and keeps the best of each, so a
+noisy neighbour on a shared machine hurts both sides alike. The last line is machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench's CPU workers run (bench/runner.py)
+
+import torch  # noqa: E402
+
+from bench import data, measure, models, train  # noqa: E402
+from bench.suite import Cell  # noqa: E402
+from benchmarks.common import table  # noqa: E402
+
+
+def configs(device: torch.device, quick: bool) -> list[dict]:
+    if device.type == "cuda":
+        grid = [("tv:resnet50", 224, 128), ("tv:resnet18", 64, 256), ("tv:mobilenet_v3_large", 224, 128),
+                ("tv:efficientnet_b0", 128, 256), ("tv:resnet18", 32, 512)]
+    else:
+        grid = [("tv:resnet18", 32, 64), ("tv:mobilenet_v3_small", 32, 64), ("tv:resnet18", 32, 16),
+                ("tv:mobilenet_v3_small", 64, 32)]
+    return [dict(model=m, resolution=r, batch_size=b) for m, r, b in (grid[:2] if quick else grid)]
+
+
+def harness_rate(cell: Cell, splits, device: torch.device) -> float:
+    """bench's own throughput mode: the real loader and step, timed after warm-up."""
+    torch.manual_seed(0)
+    backbone = models.build(cell, len(splits.classes))
+    outcome = train.run_cell(cell, splits, backbone, device, len(splits.classes), lambda e: None)
+    return outcome.row["images_per_s"]
+
+
+def bare_rate(cell: Cell, device: torch.device, warmup: int, steps: int) -> float:
+    """The floor: one fixed batch on the device, forward, loss, backward, SGD step; nothing else."""
+    torch.manual_seed(0)
+    model = models.build(cell, 10).model.to(device)
+    fmt = torch.channels_last if cell.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    precision = train.resolve_precision(cell, device)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(cell.batch_size, 3, cell.resolution, cell.resolution, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (cell.batch_size,), device=device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            clock = measure.Clock(device)
+        with train.autocast(precision, device):
+            out = model(x)
+            loss = torch.nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * cell.batch_size / clock.total()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two configurations, one repeat")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    warmup, steps = (10, 50) if device.type == "cuda" else (3, 15)
+    repeats = 1 if args.quick else args.repeats
+    rows = []
+    for cfg in configs(device, args.quick):
+        cell = Cell(dataset="synthetic", pretrained=False, mode="throughput", throughput_warmup_steps=warmup,
+                    throughput_steps=steps, train_subset=cfg["batch_size"] * (warmup + steps), **cfg)
+        splits = data.load_splits("synthetic", train_subset=cell.train_subset, test_subset=64)
+        harness, bare = 0.0, 0.0
+        for _ in range(repeats):
+            harness = max(harness, harness_rate(cell, splits, device))
+            bare = max(bare, bare_rate(cell, device, warmup, steps))
+        rows.append({**cfg, "precision": train.resolve_precision(cell, device), "harness_img_s": harness,
+                     "bare_img_s": bare, "ratio": harness / bare})
+        print(f"  {cfg['model']} {cfg['resolution']}px bs{cfg['batch_size']}: harness {harness:.0f} img/s, "
+              f"bare {bare:.0f} img/s, ratio {harness / bare:.3f}", flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"\nharness vs bare training step on {name}, torch {torch.__version__}\n")
+    print(table(rows, ["model", "resolution", "batch_size", "precision", "harness_img_s", "bare_img_s", "ratio"]))
+    print(f"\nharness/bare min ratio: {min(r['ratio'] for r in rows):.3f}")
+
+
+if __name__ == "__main__":
+    main()
