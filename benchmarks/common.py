@@ -27,7 +27,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
     """A plain Markdown table, so the output can be pasted into RESULTS.md as it is."""
     def fmt(value) -> str:
         if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+            return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
         return str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
