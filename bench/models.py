@@ -1,0 +1,486 @@
+"""The backbone registry (torchvision; timm when installed), weights, new heads, freeze policies, FLOPs.
+
+Names are canonical `tv:NAME` or `timm:NAME`; a bare name is torchvision's. What needs only shapes (parameter
+counts, accepted resolutions, FLOPs, where the classifier is) is worked out on a *skeleton*: the model with its
+parameters on the meta device, which costs no memory, no init time and never a download.
+
+A model's architecture always follows its weights (torchvision's ViT-H/14 SWAG weights make it a 518 px
+network, Inception-v3's add an auxiliary classifier), whether or not they are loaded: `pretrained: false` is
+the same network, randomly initialised.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import functools
+import socket
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_buffer_registration_hook as on_buffer
+from torch.nn.modules.module import register_module_parameter_registration_hook as on_parameter
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import get_model, get_model_weights
+from torchvision.models._api import WeightsEnum
+
+from bench.errors import ResolutionError, UnknownModelError, WeightsUnavailableError, close_matches
+from bench.freeze import apply_freeze
+from bench.heads import drop_aux_heads, find_heads, install_heads
+from bench.suite import Cell
+
+DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation: a dead network fails in seconds instead of hanging a worker
+SOURCES = {"tv": "torchvision", "timm": "timm"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # canonical: "tv:resnet18" or "timm:xception41"
+    source: str  # "torchvision" | "timm"
+    params_m: float  # parameters in millions at 1000 classes
+    default_weights: str | None  # torchvision weights enum member, or timm pretrained tag
+    native_resolution: int  # the side the default weights were trained at
+    min_resolution: int  # smallest square side the model trains at
+    fixed_resolution: bool  # True when only native_resolution works (ViT...)
+
+
+@dataclass
+class Backbone:
+    model: nn.Module  # new head(s) installed, freeze policy applied
+    head: nn.Module  # the main (new) classifier head, as installed in model
+    head_paths: tuple[str, ...]  # dotted paths of every replaced head, main first
+    trainable_params: int
+    total_params: int
+    frozen_layers: int
+    total_layers: int  # parameterised layers of the backbone (heads excluded)
+    weights: str | None  # weights actually loaded; None when pretrained is false
+
+
+# --- registry -----------------------------------------------------------------------------------------------------
+
+
+def _timm():
+    """timm is an optional extra: imported only when a timm: name is used."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+def _require_timm():
+    timm = _timm()
+    if timm is None:
+        raise UnknownModelError("timm: models need timm, which is not installed; run `pip install 'bench[timm]'`")
+    return timm
+
+
+@functools.cache
+def _names(source: str) -> tuple[str, ...]:
+    if source == "tv":
+        return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+    return tuple(sorted(_require_timm().list_models()))
+
+
+def _split(pattern: str) -> tuple[str, str]:
+    prefix, sep, rest = pattern.partition(":")
+    if not sep:
+        return "tv", pattern
+    if prefix not in SOURCES:
+        raise UnknownModelError(
+            f"{pattern!r}: unknown prefix {prefix!r}; write tv:NAME, timm:NAME or a bare torchvision name"
+        )
+    return prefix, rest
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Canonical names, sorted, optionally filtered by a glob; a bare glob searches torchvision."""
+    if pattern is None:
+        return [f"{s}:{n}" for s in SOURCES if s == "tv" or _timm() is not None for n in _names(s)]
+    source, glob = _split(pattern)
+    return [f"{source}:{n}" for n in _names(source) if fnmatch.fnmatchcase(n, glob)]
+
+
+def resolve(pattern: str) -> list[str]:
+    """A name or glob -> canonical names; nothing found raises UnknownModelError with the close matches."""
+    found = list_models(pattern)
+    if found:
+        return found
+    source, bare = _split(pattern)
+    arch, dot, tag = bare.partition(".")
+    if source == "timm" and dot and arch in _names(source):
+        raise UnknownModelError(
+            f"{pattern!r}: timm pretrained tags go in the weights field; write model: timm:{arch} and weights: {tag}"
+        )
+    choices = _names(source) if source == "tv" else [f"timm:{n}" for n in _names(source)]
+    hint = close_matches(bare if source == "tv" else pattern, choices)
+    raise UnknownModelError(f"{pattern!r} matches no {SOURCES[source]} classifier{hint}; `bench models` lists them all")
+
+
+def _canonical(name: str) -> str:
+    found = resolve(name)
+    if len(found) != 1 or any(c in name for c in "*?["):
+        raise UnknownModelError(f"{name!r} is a pattern matching {len(found)} models; name one, e.g. {found[0]}")
+    return found[0]
+
+
+# --- weights names ------------------------------------------------------------------------------------------------
+
+
+def _tv_member(arch: str, weights: str | None) -> WeightsEnum:
+    enum = get_model_weights(arch)
+    key = "DEFAULT" if weights is None else weights.removeprefix(enum.__name__ + ".")
+    if key not in enum.__members__:
+        hint, valid = close_matches(key, enum.__members__), ", ".join(enum.__members__)
+        raise UnknownModelError(f"tv:{arch}: unknown weights {weights!r}{hint}; valid weights are {valid}")
+    return enum[key]
+
+
+def _timm_cfg(arch: str, tag: str | None):
+    from timm.models import get_pretrained_cfg
+
+    return get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+
+
+def _arch_weights(name: str, weights: str | None) -> str | None:
+    """The weights whose architecture `name` is built with: the one asked for, else the default."""
+    source, arch = _split(name)
+    if source == "tv":
+        return _tv_member(arch, weights).name
+    timm = _require_timm()
+    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+    if weights is None:
+        return _timm_cfg(arch, None).tag if tags else None
+    if weights not in tags:
+        hint, valid = close_matches(weights, tags), ", ".join(tags) or "none (it has no pretrained weights)"
+        raise UnknownModelError(f"{name}: unknown weights {weights!r}{hint}; valid weights are {valid}")
+    return weights
+
+
+# --- building: skeletons on meta, real models ---------------------------------------------------------------------
+
+
+@contextmanager
+def meta_init():
+    """Build modules with every parameter and buffer on the meta device: no memory, no init cost.
+
+    Unlike `with torch.device("meta")`, constructors may still compute with real tensors (RegNet derives its
+    widths with torch ops and `.tolist()`); only what a module registers moves. The hooks are global: not
+    thread-safe.
+    """
+
+    def to_meta(module, name, tensor):
+        if tensor is None:
+            return None
+        meta = tensor.to("meta")
+        return nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+
+    handles = [on_parameter(to_meta), on_buffer(to_meta)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _architecture_only():
+    # torchvision builders derive the architecture from the weights (image size, aux heads, transform_input) and
+    # then read the file; running them with loading stubbed out gives the architecture alone, generically.
+    # Patches classes for the duration: not thread-safe, like meta_init.
+    with mock.patch.object(WeightsEnum, "get_state_dict", lambda self, *a, **k: {}):
+        with mock.patch.object(nn.Module, "load_state_dict", lambda self, *a, **k: None):
+            yield
+
+
+def _on_meta(construct: Callable[[], nn.Module]) -> nn.Module:
+    try:  # everything on meta, the dummy forwards some constructors run included (timm's hybrid ViTs)
+        with torch.device("meta"):
+            return construct()
+    except NotImplementedError:  # "Cannot copy out of meta tensor": RegNet computes its widths with tensor ops
+        with meta_init():
+            return construct()
+
+
+def _create(
+    name: str, weights: str | None, *, meta: bool, load: bool = False, aux: bool = True, num_classes: int | None = None
+) -> nn.Module:
+    """The one place the libraries build models: `weights` picks the architecture, `load` reads the values."""
+    source, arch = _split(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if source == "timm" and num_classes is None:
+        # timm heads follow the tag's dataset: 21k classes, or none at all for feature-only tags (SigLIP, DINOv3).
+        # A 1000-class head is always there to find and replace; timm then skips the checkpoint's head.
+        kwargs["num_classes"] = 1000
+
+    def construct() -> nn.Module:
+        if source == "tv":
+            member = _tv_member(arch, weights) if weights else None
+            with nullcontext() if load else _architecture_only():
+                return get_model(arch, weights=member, **kwargs)
+        full = f"{arch}.{weights}" if weights else arch
+        return _require_timm().create_model(full, pretrained=load, **kwargs)
+
+    model = _on_meta(construct) if meta else construct()
+    if not aux and getattr(model, "aux_logits", False) is True:
+        drop_aux_heads(model, _head_paths(name)[1:])
+    return model
+
+
+@functools.lru_cache(maxsize=64)
+def _skeleton(name: str, weights: str | None) -> nn.Module:
+    model = _create(name, weights, meta=True)
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            # BatchNorm keeps shapes and costs no counted FLOPs, but runs as a slow Python decomposition on meta:
+            # skipping it makes every probe 2-3x faster.
+            module.forward = _same
+    return model
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@functools.cache
+def _head_paths(name: str) -> tuple[str, ...]:
+    with warnings.catch_warnings():  # GoogLeNet and Inception-v3 warn about their init when built without weights
+        warnings.simplefilter("ignore", FutureWarning)
+        return find_heads(name, lambda num_classes: _create(name, None, meta=True, num_classes=num_classes))
+
+
+# --- shapes: resolution and FLOPs ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _why_not(name: str, weights: str | None, resolution: int, train: bool = False) -> str | None:
+    """Why the forward fails at this size (None when it runs), tried on the meta device.
+
+    Eval mode tells whether a model trains at a size: train mode only adds the auxiliary heads, which build()
+    drops where they cannot run. A batch of two, as norm layers refuse a single value per channel in training.
+    """
+    model = _skeleton(name, weights).train(train)
+    try:
+        with torch.no_grad():
+            model(torch.empty(2, 3, resolution, resolution, device="meta"))
+    except NotImplementedError:  # an op without a meta kernel, or reading values: says nothing about the size
+        return None
+    except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
+
+
+def _keeps_aux(name: str, weights: str | None, resolution: int) -> bool:
+    """Whether the model has auxiliary heads (torchvision's aux_logits) that can run at this size.
+
+    Inception-v3's needs 299 px: below that bench trains it without, as torchvision does when asked.
+    """
+    has_aux = getattr(_skeleton(name, weights), "aux_logits", False) is True
+    return has_aux and _why_not(name, weights, resolution, train=True) is None
+
+
+@functools.lru_cache(maxsize=256)
+def _limits(name: str, weights: str | None) -> ModelInfo:
+    source, arch = _split(name)
+    skeleton = _skeleton(name, weights)
+    if source == "tv":
+        member = _tv_member(arch, weights)
+        native, hint = int(member.transforms().crop_size[0]), int(member.meta["min_size"][0])
+    else:
+        cfg = skeleton.pretrained_cfg
+        native, hint = int(cfg["input_size"][-1]), int((cfg.get("min_input_size") or (0, 0, 0))[-1])
+
+    def accepts(size: int) -> bool:
+        return size >= 1 and _why_not(name, weights, size) is None
+
+    fixed = not any(accepts(s) for s in (native - 1, native + 1, native // 2, native * 2))
+    if fixed:
+        smallest = native
+    elif hint and accepts(hint) and not accepts(hint - 1):
+        smallest = hint  # the library's own min_size, confirmed by two forwards
+    elif accepts(1) and accepts(native // 2):  # not 1 alone: a 1x1 token grid broadcasts where larger ones fail
+        smallest = 1
+    else:  # binary search, assuming that above the smallest size every size works (true of convolutional nets)
+        low, high = 2, hint if hint and accepts(hint) else native
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if accepts(middle) else (middle + 1, high)
+        smallest = low
+    params_m = sum(p.numel() for p in skeleton.parameters()) / 1e6
+    return ModelInfo(name, SOURCES[source], params_m, weights, native, smallest, fixed)
+
+
+def info(name: str) -> ModelInfo:
+    """Parameters, default weights and resolution limits, from a skeleton: cheap, never downloads."""
+    name = _canonical(name)
+    return _limits(name, _arch_weights(name, None))
+
+
+def check_resolution(name: str, resolution: int, *, weights: str | None = None) -> None:
+    """Raise ResolutionError unless a training step of the model runs at resolution x resolution."""
+    name = _canonical(name)
+    arch_weights = _arch_weights(name, weights)
+    why = _why_not(name, arch_weights, resolution)
+    if why is None:
+        return
+    limits = _limits(name, arch_weights)
+    if limits.fixed_resolution:
+        reason = f"it takes only its native {limits.native_resolution} px"
+    elif resolution < limits.min_resolution:
+        reason = f"it needs at least {limits.min_resolution} px (native {limits.native_resolution})"
+    else:
+        reason = f"its forward pass fails at that size ({why}); its native size is {limits.native_resolution} px"
+    raise ResolutionError(f"{name} cannot take {resolution} px: {reason}; pick another resolution or model")
+
+
+@functools.lru_cache(maxsize=1024)
+def _flops(name: str, weights: str | None, resolution: int, num_classes: int) -> int:
+    model = copy.deepcopy(_skeleton(name, weights))
+    with meta_init():
+        install_heads(model, _head_paths(name), num_classes, None)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.empty(1, 3, resolution, resolution, device="meta"))
+    return int(counter.get_total_flops())
+
+
+def flops_per_image(name: str, resolution: int, num_classes: int = 10, *, weights: str | None = None) -> int:
+    """Forward FLOPs (2 per multiply-add) for one image in eval mode with a linear head of num_classes."""
+    check_resolution(name, resolution, weights=weights)
+    name = _canonical(name)
+    return _flops(name, _arch_weights(name, weights), resolution, num_classes)
+
+
+# --- weights files ------------------------------------------------------------------------------------------------
+
+
+def _location(name: str, weights: str) -> tuple[str, Path, str]:
+    """(file or hub folder, the directory the library caches it in, the URL it comes from)."""
+    source, arch = _split(name)
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    if source == "tv":
+        url = _tv_member(arch, weights).url
+        return Path(urlparse(url).path).name, checkpoints, url
+    cfg = _timm_cfg(arch, weights)
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants
+
+        return f"models--{cfg.hf_hub_id.replace('/', '--')}", Path(constants.HF_HUB_CACHE), constants.ENDPOINT
+    return Path(urlparse(cfg.url).path).name, checkpoints, cfg.url
+
+
+def _cached(name: str, weights: str) -> bool:
+    item, folder, _ = _location(name, weights)
+    if not item.startswith("models--"):
+        return (folder / item).is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = _timm_cfg(_split(name)[1], weights)
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in files)
+
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    # urllib (under torch.hub) waits forever on a silent network unless sockets carry a default timeout.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _unavailable(name: str, weights: str, exc: BaseException) -> WeightsUnavailableError:
+    item, folder, _ = _location(name, weights)
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return WeightsUnavailableError(
+        f"{name}: weights {weights} are not cached ({item} is not in {folder}) and could not be downloaded "
+        f"({reason}); run `bench fetch {name}` on a machine with internet and copy {item} into {folder}, "
+        f"or set pretrained: false"
+    )
+
+
+def _prepare(name: str, weights: str) -> Path:
+    """Make sure the library's loader will find the weights: cached, downloaded now (torchvision), or their
+    server reachable (timm). Fails fast, in one sentence, where the libraries would hang or retry for a minute."""
+    item, folder, url = _location(name, weights)
+    if _cached(name, weights):
+        return folder / item
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            if name.startswith("tv:"):
+                folder.mkdir(parents=True, exist_ok=True)
+                match = torch.hub.HASH_REGEX.search(item)  # torchvision files are <arch>-<sha256 prefix>.pth
+                torch.hub.download_url_to_file(url, str(folder / item), hash_prefix=match.group(1) if match else None)
+            elif item.startswith("models--") and _hf_offline():
+                raise OSError("HF_HUB_OFFLINE is set")
+            else:  # huggingface_hub retries a dead network for about 25 s per file: one connection tells sooner
+                host = urlparse(url)
+                socket.create_connection((host.hostname, host.port or 443)).close()
+    except OSError as exc:  # URLError, DNS failures, refused connections, socket timeouts
+        raise _unavailable(name, weights, exc) from None
+    return folder / item
+
+
+def _hf_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _load(name: str, weights: str | None, aux: bool = True) -> nn.Module:
+    """The model with its pretrained weights, through the library's own loader."""
+    if weights is None:
+        raise WeightsUnavailableError(f"{name} has no pretrained weights; set pretrained: false or pick another model")
+    _prepare(name, weights)
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            return _create(name, weights, meta=False, load=True, aux=aux)
+    except OSError as exc:  # the download failed midway, or huggingface_hub gave up
+        raise _unavailable(name, weights, exc) from None
+
+
+def fetch_weights(name: str, weights: str | None = None) -> Path:
+    """Download a model's weights (default: its default weights) into the library cache; return where they are."""
+    name = _canonical(name)
+    arch_weights = _arch_weights(name, weights)
+    if arch_weights is None:
+        raise WeightsUnavailableError(f"{name} has no pretrained weights to fetch; use it with pretrained: false")
+    path = _prepare(name, arch_weights)
+    if not _cached(name, arch_weights):
+        _load(name, arch_weights)  # timm fills its cache as it loads
+    return path
+
+
+# --- build --------------------------------------------------------------------------------------------------------
+
+
+def build(cell: Cell, num_classes: int) -> Backbone:
+    """The cell's backbone on the CPU: weights loaded (when pretrained), new head(s), freeze policy applied."""
+    name = _canonical(cell.model)
+    arch_weights = _arch_weights(name, cell.weights)
+    check_resolution(name, cell.resolution, weights=cell.weights)
+    aux = _keeps_aux(name, arch_weights, cell.resolution)
+    model = _load(name, arch_weights, aux) if cell.pretrained else _create(name, arch_weights, meta=False, aux=aux)
+    paths = install_heads(model, _head_paths(name), num_classes, cell)
+    frozen, total = apply_freeze(model, paths, cell.freeze)
+    return Backbone(
+        model=model,
+        head=model.get_submodule(paths[0]),
+        head_paths=paths,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()),
+        frozen_layers=frozen,
+        total_layers=total,
+        weights=arch_weights if cell.pretrained else None,
+    )
