@@ -133,7 +133,8 @@ def models(pattern):
     """List backbones (optionally matching a glob such as 'resnet*' or 'timm:xception*')."""
     from bench import models as registry
 
-    names = registry.resolve(pattern) if pattern else registry.list_models()
+    # timm lists over a thousand models: without a pattern, list torchvision's and say how to see timm's.
+    names = registry.resolve(pattern) if pattern else registry.list_models("tv:*")
     click.echo(f"{'name':32} {'source':11} {'params_M':>8} {'default_weights':22} {'native':>6} {'min':>5}")
     for name in names:
         i = registry.info(name)
@@ -141,6 +142,8 @@ def models(pattern):
         click.echo(f"{i.name:32} {i.source:11} {i.params_m:8.1f} {str(i.default_weights):22} "
                    f"{i.native_resolution:6d} {i.min_resolution:4d}{fixed}")
     click.echo(f"{len(names)} models; * = only its native resolution")
+    if not pattern:
+        click.echo("timm's models (pip install 'bench[timm]'): bench models 'timm:PATTERN', e.g. 'timm:xception*'")
 
 
 @main.command()

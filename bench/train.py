@@ -160,7 +160,9 @@ class Stepper:
 
 @torch.inference_mode()
 def evaluate(forward, loader, num_classes: int, precision: str, device: torch.device) -> dict:
-    """Loss, top-1, top-5 and the confusion matrix over a loader (deterministic order)."""
+    """Loss, top-1, top-5 and the confusion matrix over a loader (deterministic order), in eval mode."""
+    was_training = forward.training
+    forward.eval()
     loss_sum = torch.zeros((), device=device)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
@@ -174,6 +176,7 @@ def evaluate(forward, loader, num_classes: int, precision: str, device: torch.de
         top5 += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum()
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
         seen += len(y)
+    forward.train(was_training)
     cm = confusion.view(num_classes, num_classes).cpu()
     n = max(1, seen)
     return {"loss": loss_sum.item() / n, "top1": cm.diag().sum().item() / n, "top5": top5.item() / n, "confusion": cm}

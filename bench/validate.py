@@ -18,13 +18,13 @@ def resolve_cells(suite: Suite) -> list[Cell]:
         raise
     except BenchError as exc:
         raise SuiteError(f"{suite.source}: {exc}") from None
-    checked: set[tuple[str, int]] = set()
+    checked: set[tuple[str, int, str | None]] = set()
     for cell in cells:
-        key = (cell.model, cell.resolution)
+        key = (cell.model, cell.resolution, cell.weights)
         if key in checked:
             continue
         try:
-            models.check_resolution(cell.model, cell.resolution)
+            models.check_resolution(cell.model, cell.resolution, weights=cell.weights)
         except BenchError as exc:
             raise SuiteError(f"{suite.source}: cell {cell.id}: {exc}; drop it with an exclude entry "
                              f"such as {{model: {cell.model.split(':', 1)[-1]}, resolution: {cell.resolution}}}") from None

@@ -77,7 +77,7 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
         val_images=len(splits.val), test_images=len(splits.test), loader=splits.loader,
         trainable_params=backbone.trainable_params, total_params=backbone.total_params,
         frozen_layers=backbone.frozen_layers, total_layers=backbone.total_layers, weights=backbone.weights,
-        flops_per_image=models.flops_per_image(cell.model, cell.resolution, num_classes),
+        flops_per_image=models.flops_per_image(cell.model, cell.resolution, num_classes, weights=cell.weights),
         setup_s=setup_s, peak_vram_nvml_bytes=sampler.peak if sampler else None,
         peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **measure.vram_peaks(device),
         **measure.environment(device),

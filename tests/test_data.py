@@ -243,3 +243,23 @@ def test_same_seed_same_batches():
     a = [x for x, _ in _loader(seed=5)]
     b = [x for x, _ in _loader(seed=5)]
     assert all(torch.equal(x1, x2) for x1, x2 in zip(a, b))
+
+
+@pytest.mark.slow
+def test_small_network_learns_real_cifar10_from_scratch_on_the_cpu(cifar_jpg, session_data_root):
+    """The whole data path on real images: one epoch on 3,000 of them lifts test accuracy clearly above chance."""
+    import time
+
+    from bench import models, train
+    from bench.suite import Cell
+
+    cell = Cell(dataset=f"imagefolder:{cifar_jpg}", model="tv:resnet18", resolution=32, batch_size=32, epochs=1,
+                pretrained=False, optimizer="adamw", lr=1e-3, augment="none", train_subset=3000, test_subset=1000)
+    splits = data.load_splits(cell.dataset, session_data_root, train_subset=3000, test_subset=1000)
+    torch.manual_seed(0)
+    backbone = models.build(cell, 10)
+    started = time.perf_counter()
+    outcome = train.run_cell(cell, splits, backbone, CPU, 10, lambda e: None)
+    print(f"real CIFAR-10, resnet18 from scratch, 1 epoch on 3000 images: top1 {outcome.row['top1']:.3f} "
+          f"in {time.perf_counter() - started:.1f} s")
+    assert outcome.row["top1"] > 0.25  # chance is 0.10

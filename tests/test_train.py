@@ -152,3 +152,15 @@ def test_auxiliary_heads_add_their_loss():
     both, logits = train.classification_loss((main, aux), y, 0.0)
     expected = plain + 0.4 * torch.nn.functional.cross_entropy(aux, y)
     assert torch.allclose(both, expected) and logits is main
+
+
+def test_evaluation_runs_in_eval_mode_and_restores_the_mode():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3), torch.nn.Dropout(0.9), torch.nn.BatchNorm1d(3))
+    batches = [(torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))) for _ in range(3)]
+    net.train()
+    stats = net[3].running_mean.clone()
+    first = train.evaluate(net, batches, 3, "fp32", CPU)
+    second = train.evaluate(net, batches, 3, "fp32", CPU)
+    assert first["loss"] == second["loss"] and torch.equal(first["confusion"], second["confusion"])
+    assert net.training and torch.equal(net[3].running_mean, stats)  # no BN statistics moved
