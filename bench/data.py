@@ -138,6 +138,13 @@ def parse_name(dataset: str) -> tuple[str, str]:
     return kind, arg
 
 
+def prepare(dataset: str, data_root: Path | None = None, *, download: bool = True) -> None:
+    """Make sure a dataset is on disk (downloading it, decoding an image folder into its cache) once,
+    before any cell starts; raises DatasetUnavailableError with the fix when it cannot be had."""
+    kind, arg = parse_name(dataset)
+    DATASETS[kind](arg, Path(data_root or default_data_root()), download)
+
+
 def load_splits(
     dataset: str,
     data_root: Path | None = None,

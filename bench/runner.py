@@ -74,25 +74,32 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
     """Run the cells that have no row yet; each finished cell is on disk before the next starts."""
     store = ResultStore(options.results)
     summary = RunSummary(run_id=new_run_id())
+    lock = threading.Lock()
+
+    def record(row: dict, epochs: list[dict]) -> None:
+        store.write(row, epochs)
+        with lock:
+            summary.rows.append(row)
+        report({"kind": "cell_done", "row": row})
+
     with store.lock():
         todo, summary.skipped = select(cells, store.done_cell_ids(suite.name), options)
         report({"kind": "suite", "total": len(todo), "skipped": summary.skipped})
+        missing = _missing_datasets(todo, options)
         jobs: queue.Queue[Cell] = queue.Queue()
         for cell in todo:
-            jobs.put(cell)
-        lock = threading.Lock()
+            if cell.dataset in missing:  # one clear row per cell, no process started for nothing
+                record(_unavailable_row(cell, suite, summary.run_id, options, missing[cell.dataset]), [])
+            else:
+                jobs.put(cell)
 
-        def drain(device: str) -> None:
+        def drain(device: str) -> None:  # one thread per device: a cell per GPU at a time
             while True:
                 try:
                     cell = jobs.get_nowait()
                 except queue.Empty:
                     return
-                row, epochs = run_one(cell, suite, summary.run_id, device, options, store, report)
-                store.write(row, epochs)
-                with lock:
-                    summary.rows.append(row)
-                report({"kind": "cell_done", "row": row})
+                record(*run_one(cell, suite, summary.run_id, device, options, store, report))
 
         threads = [threading.Thread(target=drain, args=(d,)) for d in options.devices]
         for t in threads:
@@ -100,6 +107,27 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
         for t in threads:
             t.join()
     return summary
+
+
+def _unavailable_row(cell: Cell, suite: Suite, run_id: str, options: RunOptions, reason: str) -> dict:
+    now = datetime.now(timezone.utc)
+    row = base_row(cell, suite, run_id)
+    row.update(_device_env(options.devices[0]), status="unavailable", error=reason, started_at=now, finished_at=now)
+    return row
+
+
+def _missing_datasets(cells: list[Cell], options: RunOptions) -> dict[str, str]:
+    """Fetch or decode each dataset once, up front; map the ones that cannot be had to the reason."""
+    from bench import data
+    from bench.errors import UnavailableError
+
+    missing = {}
+    for dataset in dict.fromkeys(c.dataset for c in cells):
+        try:
+            data.prepare(dataset, options.data_root, download=options.download)
+        except UnavailableError as exc:
+            missing[dataset] = f"{exc.__class__.__name__}: {exc}"
+    return missing
 
 
 def base_row(cell: Cell, suite: Suite, run_id: str) -> dict:

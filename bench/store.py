@@ -100,9 +100,17 @@ class ResultStore:
         return path
 
     def done_cell_ids(self, suite: str) -> set[str]:
-        """Cell ids that already have a row: file names suffice, as every file is renamed into place whole."""
-        folder = self.root / suite / "cells"
-        return {p.name.split("--")[0] for p in _parquet_files(folder)}
+        """Cell ids that already have a row. An `unavailable` row does not count: its fix (a download)
+        lies outside the cell, so the next run tries the cell again. Unreadable files do not count either."""
+        done = set()
+        for path in _parquet_files(self.root / suite / "cells"):
+            try:
+                status = pq.read_table(path, columns=["status"]).column("status").to_pylist()
+            except (OSError, KeyError, pa.ArrowException):
+                continue
+            if status and status[0] != "unavailable":
+                done.add(path.name.split("--")[0])
+        return done
 
     def write(self, row: dict, epochs: list[dict]) -> Path:
         """Write one cell's row and its epoch table; the row is renamed into place last (it marks 'done')."""

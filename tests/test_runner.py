@@ -141,3 +141,17 @@ def test_tree_rss_includes_children():
     own = psutil.Process(proc.pid).memory_info().rss
     proc.wait()
     assert total - own > 250 * 2**20
+
+
+def test_missing_dataset_gives_unavailable_rows_that_a_later_run_retries(tmp_path):
+    suite = parse_suite({"name": "nodata", "dataset": "cifar10", "defaults": {**TINY, "seeds": [0, 1]},
+                         "grid": {"model": ["tv:mobilenet_v3_small"]}})
+    options = RunOptions(results=tmp_path / "res", data_root=tmp_path / "data", download=False)
+    first = run_suite(suite, expand(suite), options)
+    assert [r["status"] for r in first.rows] == ["unavailable", "unavailable"]
+    assert str(tmp_path / "data" / "cifar-10-batches-py") in first.rows[0]["error"]
+    assert "bench fetch cifar10" in first.rows[0]["error"]
+    # the rows are kept, but the cells are not done: once the data is there, the next run does them
+    second = run_suite(suite, expand(suite), options)
+    assert len(second.rows) == 2 and second.skipped == 0
+    assert len(ResultStore(tmp_path / "res").read().cells) == 4

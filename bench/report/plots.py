@@ -168,6 +168,8 @@ def training_curves(data: ReportData) -> Figure | str:
     rows, metrics, total = _curve_rows(data)
     if rows.empty or not metrics:
         return "skipped: no per-epoch metrics recorded for the shown cells"
+    if rows.groupby(["suite", "run_id", "cell_id"])["epoch"].nunique().max() < 2:
+        return "skipped: every shown cell ran a single epoch, so there is no curve to draw"
     fig, axes = _figure(4.8 * len(metrics), 4.4, ncols=len(metrics))
     labels = list(dict.fromkeys(rows.sort_values("label")["label"]))
     labels = [lb for lb in data.groups["label"] if lb in labels]  # legend in leaderboard order
