@@ -58,7 +58,7 @@ def test_default_lr_follows_the_documented_rules():
     assert train.default_lr(Cell(model="m", lr=0.3)) == 0.3
 
 
-@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_activations_use_the_requested_precision(precision, dtype):
     cell = Cell(model="tv:resnet18", precision=precision, steps=1, **SMALL)
     seen = []
@@ -164,3 +164,24 @@ def test_evaluation_runs_in_eval_mode_and_restores_the_mode():
     second = train.evaluate(net, batches, 3, "fp32", CPU)
     assert first["loss"] == second["loss"] and torch.equal(first["confusion"], second["confusion"])
     assert net.training and torch.equal(net[3].running_mean, stats)  # no BN statistics moved
+
+
+def test_fp16_uses_a_gradient_scaler_and_others_do_not():
+    model = torch.nn.Linear(4, 2)
+    for precision, enabled in (("fp16", True), ("bf16", False), ("fp32", False)):
+        cell = Cell(model="m", precision=precision)
+        stepper = train.Stepper(model, cell, train.make_plan(cell, 4, CPU), CPU)
+        assert stepper.scaler.is_enabled() is enabled, precision
+
+
+@pytest.mark.gpu
+def test_a_cell_on_the_gpu_records_vram_and_bf16():
+    cuda = torch.device("cuda:0")
+    cell = Cell(model="tv:resnet18", steps=3, **SMALL)
+    splits = data.load_splits("synthetic", train_subset=64, test_subset=32)
+    from bench import measure
+
+    measure.reset_vram(cuda)
+    outcome = train.run_cell(cell, splits, models.build(cell, 10), cuda, 10, lambda e: None)
+    assert outcome.row["precision"] == "bf16" and outcome.row["top1"] is not None
+    assert measure.vram_peaks(cuda)["peak_vram_allocated_bytes"] > 0
