@@ -51,17 +51,27 @@ def _load(suite: str | None):
 def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
     import torch
 
+    count = torch.cuda.device_count()
     if gpus:
-        count = torch.cuda.device_count()
         if count == 0:
             raise BenchError("--gpus needs CUDA devices and this machine has none; drop --gpus to run on the CPU")
-        ids = range(count) if gpus == "all" else [int(g) for g in gpus.split(",")]
+        try:
+            ids = list(range(count)) if gpus == "all" else [int(g) for g in gpus.split(",")]
+        except ValueError:
+            raise BenchError(f"--gpus {gpus!r} is not 'all' or a list of indices like 0,1") from None
+        bad = [i for i in ids if not 0 <= i < count]
+        if bad:
+            raise BenchError(f"--gpus names GPU {bad[0]} and this machine has {count} (0..{count - 1}); fix the list")
         return tuple(f"cuda:{i}" for i in ids)
-    if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BenchError(f"--device {device} asked for CUDA and this machine has none; use --device cpu")
-        return (device,)
-    return ("cuda:0",) if torch.cuda.is_available() else ("cpu",)
+    if not device:
+        return ("cuda:0",) if count else ("cpu",)
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise BenchError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not 0 <= (parsed.index or 0) < count:
+        raise BenchError(f"--device {device} is not on this machine ({count} CUDA devices); use --device cpu or a valid index")
+    return (f"cuda:{parsed.index or 0}" if parsed.type == "cuda" else str(parsed),)
 
 
 @main.command()
@@ -72,9 +82,9 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
 @click.option("--gpus", help="'all' or a list like 0,1: one cell per GPU at once.")
 @click.option("--rerun", is_flag=True, help="Run cells again even when they have a row (old rows are kept).")
 @click.option("--only", help="Run only cells whose id or model matches this glob, or FIELD=VALUE.")
-@click.option("--max-cells", type=int, help="Run at most N cells this time.")
-@click.option("--cell-timeout", type=float, help="Seconds after which a cell is stopped (status timeout).")
-@click.option("--max-host-mem", type=float, help="GiB of host RAM a cell's processes may use (status oom past it).")
+@click.option("--max-cells", type=click.IntRange(min=1), help="Run at most N cells this time.")
+@click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds after which a cell is stopped (status timeout).")
+@click.option("--max-host-mem", type=click.FloatRange(min=0, min_open=True), help="GiB of host RAM a cell's processes may use (status oom past it).")
 @click.option("--no-download", is_flag=True, help="Never try to download datasets.")
 @friendly
 def run(suite, results, data_root, device, gpus, rerun, only, max_cells, cell_timeout, max_host_mem, no_download):

@@ -4,6 +4,7 @@ terminal; one plain line per finished cell otherwise, so CI logs stay readable."
 from __future__ import annotations
 
 import sys
+import threading
 
 import click
 
@@ -27,6 +28,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.cells = self.steps = None
         self.done = self.total = 0
+        self.lock = threading.Lock()  # events come from one relay thread per running cell
 
     def __enter__(self) -> Progress:
         return self
@@ -37,6 +39,10 @@ class Progress:
                 bar.close()
 
     def handle(self, event: dict) -> None:
+        with self.lock:
+            self._handle(event)
+
+    def _handle(self, event: dict) -> None:
         kind = event.get("kind")
         if kind == "suite":
             self.total = event["total"]

@@ -93,26 +93,49 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
             else:
                 jobs.put(cell)
 
-        def drain(device: str) -> None:  # one thread per device: a cell per GPU at a time
-            while True:
-                try:
-                    cell = jobs.get_nowait()
-                except queue.Empty:
-                    return
-                record(*run_one(cell, suite, summary.run_id, device, options, store, report))
-
-        threads = [threading.Thread(target=drain, args=(d,)) for d in options.devices]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _execute(jobs, suite, summary.run_id, options, store, report, record)
     return summary
 
 
-def _unavailable_row(cell: Cell, suite: Suite, run_id: str, options: RunOptions, reason: str) -> dict:
+def _execute(jobs, suite, run_id, options, store, report, record) -> None:
+    """One thread per device, a cell per device at a time. On Ctrl-C every worker is killed and every
+    thread joined before the results folder is unlocked, so no cell runs on behind a later run's back."""
+    stop, errors = threading.Event(), []
+
+    def drain(device: str) -> None:
+        while not stop.is_set():
+            try:
+                cell = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                row, epochs = run_one(cell, suite, run_id, device, options, store, report, stop)
+                if row["status"] != "interrupted":
+                    record(row, epochs)
+            except Exception as exc:  # noqa: BLE001 - re-raised in the main thread after the others stop
+                errors.append(exc)
+                stop.set()
+
+    threads = [threading.Thread(target=drain, args=(d,), daemon=True) for d in options.devices]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+    except KeyboardInterrupt:
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
+
+
+def _unavailable_row(cell: Cell, suite: Suite, run_id: str, options: RunOptions, reason: tuple[str, str]) -> dict:
     now = datetime.now(timezone.utc)
     row = base_row(cell, suite, run_id)
-    row.update(_device_env(options.devices[0]), status="unavailable", error=reason, started_at=now, finished_at=now)
+    row.update(_device_env(options.devices[0]), status=reason[0], error=reason[1], started_at=now, finished_at=now)
     return row
 
 
@@ -121,12 +144,14 @@ def _missing_datasets(cells: list[Cell], options: RunOptions) -> dict[str, str]:
     from bench import data
     from bench.errors import UnavailableError
 
-    missing = {}
+    missing: dict[str, tuple[str, str]] = {}
     for dataset in dict.fromkeys(c.dataset for c in cells):
         try:
             data.prepare(dataset, options.data_root, download=options.download)
         except UnavailableError as exc:
-            missing[dataset] = f"{exc.__class__.__name__}: {exc}"
+            missing[dataset] = ("unavailable", f"{exc.__class__.__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a corrupt file: every cell of it gets an error row naming it
+            missing[dataset] = ("error", f"{exc.__class__.__name__} preparing {dataset}: {exc}"[:2000])
     return missing
 
 
@@ -149,7 +174,7 @@ class _Watch:
 
 
 def run_one(cell: Cell, suite: Suite, run_id: str, device: str, options: RunOptions, store: ResultStore,
-            report: Callable[[dict], None]) -> tuple[dict, list[dict]]:
+            report: Callable[[dict], None], stop: threading.Event | None = None) -> tuple[dict, list[dict]]:
     """Run one cell in a fresh process and return its row, whatever happened to the process."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -160,17 +185,22 @@ def run_one(cell: Cell, suite: Suite, run_id: str, device: str, options: RunOpti
                                     "download": options.download}))
         log = store.log_path(suite.name, cell.id, run_id)
         with open(log, "w") as err:
-            watch = _supervise(cell, [sys.executable, "-m", "bench.worker", str(spec), str(result)], device, options, err, report)
+            argv = [sys.executable, "-m", "bench.worker", str(spec), str(result)]
+            watch = _supervise(cell, argv, device, options, err, report, stop or threading.Event())
         outcome = json.loads(result.read_text()) if result.is_file() else None
     row = base_row(cell, suite, run_id)
     row.update(_device_env(device))
     epochs: list[dict] = []
-    if outcome is not None and watch.stopped_for is None:
+    # A result written before the process died (a crash at interpreter teardown) still counts, unless
+    # the runner itself stopped the cell for memory or time.
+    if outcome is not None and watch.stopped_for not in ("oom", "timeout", "interrupted"):
         row.update(outcome.get("row", {}))
         row.update(status=outcome["status"], error=outcome.get("error"))
         epochs = outcome.get("epochs", [])
     else:
-        row.update(status=watch.stopped_for or "killed", error=_last_line(log, watch))
+        code = watch.returncode
+        status = watch.stopped_for or ("killed" if code is not None and code < 0 else "error")
+        row.update(status=status, error=_last_line(log, watch))
     row.update(wall_s=time.perf_counter() - t0, peak_host_rss_bytes=watch.peak or None,
                started_at=started, finished_at=datetime.now(timezone.utc))
     return row, epochs
@@ -196,7 +226,7 @@ def _child_env(device: str) -> dict:
     return env
 
 
-def _supervise(cell, argv, device, options, err, report) -> _Watch:
+def _supervise(cell, argv, device, options, err, report, stop: threading.Event) -> _Watch:
     """Start the worker, sample its process tree's RSS, enforce the limits, relay its progress."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=_child_env(device),
                             start_new_session=True)  # its own process group: a kill takes its workers too
@@ -213,12 +243,18 @@ def _supervise(cell, argv, device, options, err, report) -> _Watch:
     relay = threading.Thread(target=_relay, args=(proc, report), daemon=True)
     with sampler:
         relay.start()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            watch.stopped_for = watch.stopped_for or "timeout"
-            _kill_group(proc)
-            proc.wait()
+        deadline = time.monotonic() + timeout if timeout else None
+        while proc.poll() is None:
+            if stop.is_set():  # Ctrl-C or a failure elsewhere: this cell gets no row and runs again next time
+                watch.stopped_for = "interrupted"
+                _kill_group(proc)
+            elif deadline is not None and time.monotonic() > deadline:
+                watch.stopped_for = watch.stopped_for or "timeout"
+                _kill_group(proc)
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
         relay.join(timeout=5)
     watch.peak = sampler.peak
     if proc.returncode and proc.returncode < 0 and watch.stopped_for is None:
@@ -230,9 +266,14 @@ def _supervise(cell, argv, device, options, err, report) -> _Watch:
 def _relay(proc: subprocess.Popen, report: Callable[[dict], None]) -> None:
     for line in proc.stdout:  # type: ignore[union-attr]
         try:
-            report(json.loads(line))
+            event = json.loads(line)
         except json.JSONDecodeError:
             continue  # a library printing to stdout: not a progress event
+        if isinstance(event, dict):
+            try:
+                report(event)
+            except Exception:  # noqa: BLE001 - a display problem must never stop the pipe draining
+                continue
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

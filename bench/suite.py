@@ -68,9 +68,14 @@ class Cell(BaseModel):
 
     @field_validator("freeze", mode="before")
     @classmethod
-    def _check_freeze(cls, value: Any) -> Any:
+    def _no_bool(cls, value: Any) -> Any:
         if isinstance(value, bool) or value is None:
             raise ValueError("freeze must be none, all, a fraction 0 < f < 1 or an integer n >= 1")
+        return value
+
+    @field_validator("freeze", mode="after")
+    @classmethod
+    def _check_freeze(cls, value: Any) -> Any:
         if isinstance(value, int) and value < 1:
             raise ValueError(f"freeze: {value} is not allowed; an integer n means 'train the last n layers' (n >= 1)")
         if isinstance(value, float) and not 0 < value < 1:
@@ -233,6 +238,8 @@ def _excluded(cell: Cell, rules: list[dict[str, Any]]) -> bool:
 
 
 def _matches(actual: Any, wanted: Any) -> bool:
+    if isinstance(wanted, list):  # `resolution: [32, 64]` in an exclude entry: any of them
+        return any(_matches(actual, w) for w in wanted)
     if isinstance(wanted, str) and isinstance(actual, str):
         # A bare model name in an exclude matches its canonical tv: form too.
         return fnmatch.fnmatchcase(actual, wanted) or fnmatch.fnmatchcase(actual.split(":", 1)[-1], wanted)

@@ -14,8 +14,25 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.errors import BenchError, UnavailableError
-from bench.suite import Cell
+STARTED = time.perf_counter()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the runner dies (kill -9 included), so no orphan trains on.
+    Done first, before the heavy imports, so the window without it is as short as it can be."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the runner died before the line above: nobody is waiting for us
+            os._exit(1)
+
+
+_die_with_parent()
+
+from bench.errors import BenchError, UnavailableError  # noqa: E402
+from bench.suite import Cell  # noqa: E402
 
 
 def emit(event: dict) -> None:
@@ -49,7 +66,6 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
 
     from bench import data, measure, models, train
 
-    started = time.perf_counter()
     device = torch.device(spec["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -65,8 +81,8 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
                                   test_subset=cell.test_subset, download=spec.get("download", True))
         num_classes = len(splits.classes)
         backbone = models.build(cell, num_classes)
+        flops = _flops(models, cell, num_classes)
         _inject_fault(cell)
-        setup_s = time.perf_counter() - started
         outcome = train.run_cell(cell, splits, backbone, device, num_classes,
                                  lambda ev: emit({**ev, "cell_id": cell.id}))
     finally:
@@ -77,8 +93,7 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
         val_images=len(splits.val), test_images=len(splits.test), loader=splits.loader,
         trainable_params=backbone.trainable_params, total_params=backbone.total_params,
         frozen_layers=backbone.frozen_layers, total_layers=backbone.total_layers, weights=backbone.weights,
-        flops_per_image=models.flops_per_image(cell.model, cell.resolution, num_classes, weights=cell.weights),
-        setup_s=setup_s, peak_vram_nvml_bytes=sampler.peak if sampler else None,
+        flops_per_image=flops, setup_s=outcome.ready_at - STARTED, peak_vram_nvml_bytes=sampler.peak if sampler else None,
         peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **measure.vram_peaks(device),
         **measure.environment(device),
     )
@@ -88,28 +103,29 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
     return row, outcome.epochs
 
 
+def _flops(models, cell: Cell, num_classes: int) -> int | None:
+    """FLOPs are a nice-to-have column: a model the counter cannot trace still trains and gets a row."""
+    try:
+        return models.flops_per_image(cell.model, cell.resolution, num_classes, weights=cell.weights)
+    except (NotImplementedError, RuntimeError, TypeError) as exc:
+        print(f"flops_per_image not counted: {exc}", file=sys.stderr)
+        return None
+
+
 def classify(exc: BaseException) -> str:
     """The status a failure earns: out of memory, something missing, or an error."""
     import torch
 
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower():
+    text = str(exc).lower()
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or any(
+        m in text for m in ("out of memory", "can't allocate memory", "cannot allocate memory")):
         return "oom"
     if isinstance(exc, UnavailableError):
         return "unavailable"
     return "error"
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker when the runner dies (kill -9 included), so no orphan trains on."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def main(argv: list[str]) -> int:
-    _die_with_parent()
     spec = json.loads(Path(argv[1]).read_text())
     cell = Cell.model_validate_json(spec["cell"])
     try:

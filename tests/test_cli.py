@@ -109,3 +109,11 @@ def test_models_lists_a_pattern(tmp_path):
     assert "tv:resnet50" in out.stdout and "tv:vgg16" not in out.stdout and "IMAGENET1K" in out.stdout
     unknown = bench("models", "resnt50", cwd=tmp_path)
     assert unknown.returncode == 2 and "resnet50" in unknown.stderr
+
+
+@pytest.mark.parametrize("args, expected", [(["--device", "bogus"], "not a device"), (["--device", "cuda:7"], "not on this machine"),
+                                            (["--gpus", "x"], "CUDA"), (["--max-cells", "0"], "max-cells")])
+def test_bad_run_options_fail_with_one_line(tmp_path, args, expected):
+    out = bench("run", *args, "--results", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()

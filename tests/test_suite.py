@@ -120,3 +120,14 @@ def test_shipped_suites_parse():
     root = Path(__file__).resolve().parent.parent / "suites"
     for path in root.glob("*.yaml"):
         assert expand(load_suite(path)), path
+
+
+def test_exclude_entry_with_a_list_drops_each_value():
+    suite = parse_suite({**BASE, "exclude": [{"resolution": [32, 64]}], "include": [{"model": "c", "resolution": 128}]})
+    assert [(c.model, c.resolution) for c in expand(suite)] == [("c", 128)]
+
+
+@pytest.mark.parametrize("freeze", ["2.5", "0", "-3"])
+def test_freeze_given_as_text_is_range_checked(freeze):
+    with pytest.raises(SuiteError, match="freeze"):
+        expand(parse_suite({**BASE, "defaults": {"freeze": freeze}}))
