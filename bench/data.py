@@ -329,22 +329,12 @@ def _decode(paths: list[str], hw: tuple[int, int], cache: Path) -> np.ndarray:
 # ---------------------------------------------------------------- the device-resident loader
 
 
-class DeviceLoader:
-    """Batches from a uint8 array held on the device, augmented, resized and normalised per batch.
+class EpochBatches:
+    """Index batches over tensors held on one device: a fresh permutation per epoch when training
+    (drawn from `seed` and the epoch number, so runs repeat and epochs differ), in order otherwise."""
 
-    Each pass over it is one epoch with a fresh permutation and fresh augmentation drawn from
-    `seed` and the epoch number, so runs are reproducible and epochs differ.
-    """
-
-    def __init__(self, data: ImageArrays, *, batch_size: int, resolution: int, device: torch.device,
-                 augment: str = "standard", train: bool = True, channels_last: bool = True, seed: int = 0):
-        self.images = torch.from_numpy(data.images).to(device)  # (N, H, W, 3) uint8: 4x smaller than float
-        self.labels = torch.from_numpy(data.labels).to(device)
-        self.batch_size, self.resolution, self.device = batch_size, resolution, device
-        self.augment = augment if train else "none"
-        self.train, self.channels_last, self.seed, self.epoch = train, channels_last, seed, 0
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    def __init__(self, labels: torch.Tensor, batch_size: int, train: bool, seed: int):
+        self.labels, self.batch_size, self.train, self.seed, self.epoch = labels, batch_size, train, seed, 0
 
     @property
     def num_images(self) -> int:
@@ -355,13 +345,30 @@ class DeviceLoader:
         # Training drops the ragged last batch (fixed shapes keep cuDNN autotuning and compile happy).
         return max(1, n // self.batch_size) if self.train else math.ceil(n / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
+    def index_batches(self) -> Iterator[tuple[torch.Tensor, torch.Generator]]:
+        device = self.labels.device
+        gen = torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch)
         self.epoch += 1
         n = self.num_images
-        order = torch.randperm(n, device=self.device, generator=gen) if self.train else torch.arange(n, device=self.device)
+        order = torch.randperm(n, device=device, generator=gen) if self.train else torch.arange(n, device=device)
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield order[b * self.batch_size:(b + 1) * self.batch_size], gen
+
+
+class DeviceLoader(EpochBatches):
+    """Batches from a uint8 array held on the device, augmented, normalised and resized per batch."""
+
+    def __init__(self, data: ImageArrays, *, batch_size: int, resolution: int, device: torch.device,
+                 augment: str = "standard", train: bool = True, channels_last: bool = True, seed: int = 0):
+        super().__init__(torch.from_numpy(data.labels).to(device), batch_size, train, seed)
+        self.images = torch.from_numpy(data.images).to(device)  # (N, H, W, 3) uint8: 4x smaller than float
+        self.resolution, self.device, self.channels_last = resolution, device, channels_last
+        self.augment = augment if train else "none"
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx, gen in self.index_batches():
             yield self.transform(self.images[idx], gen), self.labels[idx]
 
     def transform(self, batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:

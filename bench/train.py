@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.data import EpochBatches
 from bench.measure import Clock
 from bench.suite import Cell
 
@@ -196,28 +197,15 @@ def class_metrics(cm: torch.Tensor) -> dict:
     }
 
 
-class FeatureLoader:
-    """Batches of cached backbone features, with the loader interface of `data.DeviceLoader`."""
+class FeatureLoader(EpochBatches):
+    """Batches of cached backbone features, in the same order the image loader would give them."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool, seed: int):
-        self.features, self.labels, self.batch_size, self.train = features, labels, batch_size, train
-        self.seed, self.epoch = seed, 0
-
-    @property
-    def num_images(self) -> int:
-        return len(self.labels)
-
-    def __len__(self) -> int:
-        n = self.num_images
-        return max(1, n // self.batch_size) if self.train else math.ceil(n / self.batch_size)
+        super().__init__(labels, batch_size, train, seed)
+        self.features = features
 
     def __iter__(self):
-        gen = torch.Generator(device=self.features.device).manual_seed(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
-        n = self.num_images
-        order = torch.randperm(n, device=self.features.device, generator=gen) if self.train else torch.arange(n, device=self.features.device)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        for idx, _ in self.index_batches():
             yield self.features[idx], self.labels[idx]
 
 
