@@ -23,6 +23,8 @@ FreezeSpec = Union[Literal["none", "all"], int, float]
 
 # Fields that say how to run a cell, not what the cell is: they stay out of its id.
 RUNNER_FIELDS = frozenset({"cell_timeout_s"})
+# Part of every cell id: bump it when a field's default changes meaning, so old results are not resumed as new.
+ID_VERSION = 1
 
 
 class Cell(BaseModel):
@@ -84,13 +86,20 @@ class Cell(BaseModel):
 
     @property
     def id(self) -> str:
-        """A short hash of the canonical configuration: equal across runs and machines."""
-        return _short_hash(self.canonical(exclude=RUNNER_FIELDS))
+        """A short hash of the configuration: equal across runs, machines and bench versions."""
+        return self._identity(RUNNER_FIELDS)
 
     @property
     def group_id(self) -> str:
         """The id of the cell's configuration without its seed: seeds of one config share it."""
-        return _short_hash(self.canonical(exclude=RUNNER_FIELDS | {"seed"}))
+        return self._identity(RUNNER_FIELDS | {"seed"})
+
+    def _identity(self, exclude: frozenset[str]) -> str:
+        # Only fields that differ from their defaults are hashed, so adding a field (with a default that
+        # keeps the old behaviour) leaves every recorded id valid and resume still recognises old results.
+        # The price: changing an existing default changes what an old id meant; bump ID_VERSION then.
+        data = self.model_dump(exclude=set(exclude), exclude_defaults=True)
+        return _short_hash(json.dumps([ID_VERSION, data], sort_keys=True, separators=(",", ":")))
 
     @property
     def freeze_label(self) -> str:

@@ -65,6 +65,17 @@ def test_id_is_pinned_across_processes():
     assert other == Cell(model="tv:resnet18", resolution=64).id
 
 
+def test_ids_survive_a_new_field_and_ignore_spelled_out_defaults():
+    # A later bench version adds a field whose default keeps the old behaviour: recorded ids stay valid.
+    class Later(Cell):
+        new_knob: int = 7
+
+    cell = Cell(model="tv:resnet18", resolution=64, lr=0.01)
+    assert Later(**cell.model_dump()).id == cell.id
+    assert Later(**cell.model_dump(), new_knob=8).id != cell.id
+    assert Cell(model="tv:resnet18", resolution=32, optimizer="sgd").id == Cell(model="tv:resnet18").id
+
+
 def test_resolver_expands_patterns():
     suite = parse_suite({**BASE, "grid": {"model": ["res*"]}})
     cells = expand(suite, resolve_model=lambda p: ["tv:resnet18", "tv:resnet50"] if p == "res*" else [p])
