@@ -5,15 +5,16 @@ bare loop over one batch already on the device, same model, precision, memory fo
     python benchmarks/harness_overhead.py            # CPU: small models at 32 px; GPU: adds 224 px
     python benchmarks/harness_overhead.py --quick
 
-Each configuration alternates harness and bare measurements and keeps the best of each, so a
-noisy neighbour on a shared machine hurts both sides alike. The last line is machine-readable.
+Each configuration alternates harness and bare measurements, pairs them, and reports the median of
+the per-pair ratios: a noisy neighbour on a shared machine hurts both sides of a pair alike, and one
+unusually fast or slow repeat cannot move a median. The last line is machine-readable.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
+import statistics
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench's CPU workers run (bench/runner.py)
 
@@ -67,10 +68,20 @@ def bare_rate(cell: Cell, device: torch.device, warmup: int, steps: int) -> floa
     return steps * cell.batch_size / clock.total()
 
 
+def measure_pair(cell: Cell, splits, device: torch.device, warmup: int, steps: int,
+                 bare_first: bool) -> tuple[float, float]:
+    """One harness and one bare measurement, in alternating order so neither side always runs second."""
+    if bare_first:
+        bare = bare_rate(cell, device, warmup, steps)
+        return harness_rate(cell, splits, device), bare
+    harness = harness_rate(cell, splits, device)
+    return harness, bare_rate(cell, device, warmup, steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two configurations, one repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved harness/bare pairs per config")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     warmup, steps = (10, 50) if device.type == "cuda" else (3, 15)
@@ -80,17 +91,21 @@ def main() -> None:
         cell = Cell(dataset="synthetic", pretrained=False, mode="throughput", throughput_warmup_steps=warmup,
                     throughput_steps=steps, train_subset=cfg["batch_size"] * (warmup + steps), **cfg)
         splits = data.load_splits("synthetic", train_subset=cell.train_subset, test_subset=64)
-        harness, bare = 0.0, 0.0
-        for _ in range(repeats):
-            harness = max(harness, harness_rate(cell, splits, device))
-            bare = max(bare, bare_rate(cell, device, warmup, steps))
-        rows.append({**cfg, "precision": train.resolve_precision(cell, device), "harness_img_s": harness,
-                     "bare_img_s": bare, "ratio": harness / bare})
-        print(f"  {cfg['model']} {cfg['resolution']}px bs{cfg['batch_size']}: harness {harness:.0f} img/s, "
-              f"bare {bare:.0f} img/s, ratio {harness / bare:.3f}", flush=True)
+        pairs = [measure_pair(cell, splits, device, warmup, steps, bare_first=i % 2 == 1) for i in range(repeats)]
+        ratios = [h / b for h, b in pairs]
+        row = {**cfg, "precision": train.resolve_precision(cell, device),
+               "harness_img_s": statistics.median(h for h, _ in pairs),
+               "bare_img_s": statistics.median(b for _, b in pairs),
+               "ratio": statistics.median(ratios), "ratio_range": f"{min(ratios):.2f}-{max(ratios):.2f}"}
+        rows.append(row)
+        print(f"  {cfg['model']} {cfg['resolution']}px bs{cfg['batch_size']}: harness {row['harness_img_s']:.0f} "
+              f"img/s, bare {row['bare_img_s']:.0f} img/s, median ratio {row['ratio']:.3f} "
+              f"(pairs {row['ratio_range']})", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"\nharness vs bare training step on {name}, torch {torch.__version__}\n")
-    print(table(rows, ["model", "resolution", "batch_size", "precision", "harness_img_s", "bare_img_s", "ratio"]))
+    print(table(rows, ["model", "resolution", "batch_size", "precision", "harness_img_s", "bare_img_s", "ratio",
+                           "ratio_range"]))
+    print("\nratio: median over the pairs; ratio_range: the smallest and largest pair")
     print(f"\nharness/bare min ratio: {min(r['ratio'] for r in rows):.3f}")
 
 
