@@ -40,12 +40,17 @@ def main() -> None:
     """Compare pretrained image backbones for transfer learning."""
 
 
-def _load(suite: str | None):
-    from bench.suite import load_suite
+def _load(suite: str | None, overrides: tuple[str, ...] = ()):
+    from bench.suite import apply_overrides, load_suite
     from bench.validate import resolve_cells
 
     loaded = load_suite(_suite_path(suite))
+    if overrides:
+        loaded = apply_overrides(loaded, overrides)
     return loaded, resolve_cells(loaded)
+
+
+SET_HELP = "KEY=VALUE for every cell, over the suite file (repeatable), e.g. --set epochs=1 --set batch_size=16."
 
 
 def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
@@ -86,13 +91,15 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
 @click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds after which a cell is stopped (status timeout).")
 @click.option("--max-host-mem", type=click.FloatRange(min=0, min_open=True), help="GiB of host RAM a cell's processes may use (status oom past it).")
 @click.option("--no-download", is_flag=True, help="Never try to download datasets.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @friendly
-def run(suite, results, data_root, device, gpus, rerun, only, max_cells, cell_timeout, max_host_mem, no_download):
+def run(suite, results, data_root, device, gpus, rerun, only, max_cells, cell_timeout, max_host_mem, no_download,
+        overrides):
     """Run every cell of SUITE (default: the embedded smoke suite) that has no result yet."""
     from bench.progress import Progress
     from bench.runner import RunOptions, run_suite
 
-    loaded, cells = _load(suite)
+    loaded, cells = _load(suite, overrides)
     options = RunOptions(results=results, data_root=data_root, devices=_default_devices(device, gpus),
                          rerun=rerun, only=only, max_cells=max_cells, cell_timeout_s=cell_timeout,
                          max_host_bytes=int(max_host_mem * 2**30) if max_host_mem else None,
@@ -123,12 +130,13 @@ def summary_table(rows: list[dict]) -> str:
 
 @main.command()
 @click.argument("suite", required=False)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @friendly
-def validate(suite):
+def validate(suite, overrides):
     """Check SUITE and print its expanded cells; runs nothing."""
     import pandas as pd
 
-    loaded, cells = _load(suite)
+    loaded, cells = _load(suite, overrides)
     frame = pd.DataFrame([{"id": c.id, **c.model_dump(exclude={"suite", "dataset"})} for c in cells])
     varying = ["id"] + [c for c in frame.columns if c != "id" and frame[c].astype(str).nunique() > 1]
     shown = varying if len(varying) > 1 else ["id", "model", "resolution", "batch_size", "freeze"]

@@ -162,6 +162,38 @@ def parse_suite(raw: Any, source: str = "<memory>") -> Suite:
     return suite
 
 
+def apply_overrides(suite: Suite, assignments: Iterable[str]) -> Suite:
+    """`--set KEY=VALUE`: the value for every cell, in place of what defaults, grid and include say.
+
+    Values are YAML scalars or lists (`16`, `bf16`, `true`, `[0, 1]`). The suite's hash changes with
+    them, and the cells' ids follow their final configuration, so overridden cells never pass for
+    the suite's own.
+    """
+    raw = suite.model_dump()
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SuiteError(f"--set {text!r}: expected KEY=VALUE, e.g. --set epochs=1")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SuiteError(f"--set {text!r}: the value is not valid YAML; quote it or fix it") from None
+        if key == "dataset":
+            raw["dataset"] = parsed
+            continue
+        drop = {key, "seed", "seeds"} if key in ("seed", "seeds") else {key}
+        for section in [raw["grid"], raw["defaults"], *raw["include"]]:
+            for name in drop:
+                section.pop(name, None)
+        raw["include"] = [entry for entry in raw["include"] if entry]
+        if raw["grid"] or raw["include"]:
+            raw["defaults"][key] = parsed
+        else:  # the key was the grid's only axis: the suite is now that one value
+            raw["grid"]["seed" if key == "seeds" else key] = parsed if key == "seeds" else [parsed]
+    return parse_suite(raw, source=f"{suite.source} with --set")
+
+
 def _check_keys(suite: Suite) -> None:
     allowed = set(CELL_FIELDS) - {"suite", "dataset"}
     for section, keys in [("defaults", suite.defaults), ("grid", suite.grid)] + [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.errors import SuiteError
-from bench.suite import Cell, expand, load_suite, parse_suite
+from bench.suite import Cell, apply_overrides, expand, load_suite, parse_suite
 
 BASE = {"name": "t", "dataset": "synthetic", "defaults": {"epochs": 2}, "grid": {"model": ["a", "b"], "resolution": [32, 64]}}
 
@@ -142,3 +142,28 @@ def test_exclude_entry_with_a_list_drops_each_value():
 def test_freeze_given_as_text_is_range_checked(freeze):
     with pytest.raises(SuiteError, match="freeze"):
         expand(parse_suite({**BASE, "defaults": {"freeze": freeze}}))
+
+
+def test_overrides_replace_defaults_grid_axes_and_include_values():
+    suite = parse_suite({**BASE, "include": [{"model": "c", "resolution": 224, "batch_size": 8}]})
+    cells = expand(apply_overrides(suite, ["resolution=16", "batch_size=4", "precision=bf16"]))
+    assert {(c.model, c.resolution, c.batch_size, c.precision) for c in cells} == {
+        ("a", 16, 4, "bf16"), ("b", 16, 4, "bf16"), ("c", 16, 4, "bf16")}
+    assert all(c.epochs == 2 for c in cells)  # untouched defaults stay
+    assert apply_overrides(suite, ["epochs=1"]).hash != suite.hash  # the run records that it was changed
+    assert {c.id for c in expand(apply_overrides(suite, ["epochs=1"]))}.isdisjoint(c.id for c in expand(suite))
+
+
+def test_overrides_of_the_only_axis_seeds_and_dataset():
+    one = expand(apply_overrides(parse_suite({**BASE, "grid": {"model": ["a", "b"]}}), ["model=z"]))
+    assert [c.model for c in one] == ["z"]
+    seeded = expand(apply_overrides(parse_suite({**BASE, "grid": {"model": ["a"], "seed": [5]}}), ["seeds=[1, 2]"]))
+    assert [c.seed for c in seeded] == [1, 2]
+    assert {c.dataset for c in expand(apply_overrides(parse_suite(BASE), ["dataset=cifar10"]))} == {"cifar10"}
+
+
+@pytest.mark.parametrize("assignment, expected", [("epochs", "KEY=VALUE"), ("batch_sise=3", "did you mean: batch_size"),
+                                                  ("epochs=zero", "epochs"), ("lr=[", "not valid YAML")])
+def test_bad_overrides_fail_with_one_clear_error(assignment, expected):
+    with pytest.raises(SuiteError, match=expected.replace("[", r"\[")):
+        expand(apply_overrides(parse_suite(BASE), [assignment]))
