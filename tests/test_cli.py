@@ -118,3 +118,27 @@ def test_bad_run_options_fail_with_one_line(tmp_path, args, expected):
     out = bench("run", *args, "--results", str(tmp_path / "r"), cwd=tmp_path)
     assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("device, gpus, expected", [(None, "all", ("cuda:0", "cuda:1", "cuda:2", "cuda:3")),
+                                                    (None, "0,2", ("cuda:0", "cuda:2")), ("cuda:1", None, ("cuda:1",)),
+                                                    (None, None, ("cuda:0",)), ("cpu", None, ("cpu",))])
+def test_device_options_on_a_machine_with_four_gpus(monkeypatch, device, gpus, expected):
+    import torch
+
+    from bench.cli import _default_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert _default_devices(device, gpus) == expected
+
+
+@pytest.mark.parametrize("device, gpus, expected", [(None, "4", "has 4"), ("cuda:9", None, "not on this machine")])
+def test_device_options_beyond_the_gpus_there_are(monkeypatch, device, gpus, expected):
+    import torch
+
+    from bench.cli import _default_devices
+    from bench.errors import BenchError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(BenchError, match=expected):
+        _default_devices(device, gpus)

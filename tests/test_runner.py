@@ -155,3 +155,29 @@ def test_missing_dataset_gives_unavailable_rows_that_a_later_run_retries(tmp_pat
     second = run_suite(suite, expand(suite), options)
     assert len(second.rows) == 2 and second.skipped == 0
     assert len(ResultStore(tmp_path / "res").read().cells) == 4
+
+
+def test_several_devices_run_one_cell_each_at_once(tmp_path, monkeypatch):
+    # `--gpus all` schedules one thread per device; two "cpu" devices exercise the same scheduler here.
+    suite = tiny_suite("multi", [0, 1, 2])
+    cells = expand(suite)
+    monkeypatch.setenv("BENCH_FAULTS", json.dumps({c.id: "sleep:6" for c in cells[:2]}))
+    summary = run_suite(suite, cells, RunOptions(results=tmp_path, devices=("cpu", "cpu")))
+    rows = {r["cell_id"]: r for r in summary.rows}
+    assert sorted(rows) == sorted(c.id for c in cells) and {r["status"] for r in rows.values()} == {"ok"}
+    first, second = rows[cells[0].id], rows[cells[1].id]
+    assert first["started_at"] < second["finished_at"] and second["started_at"] < first["finished_at"]  # overlap
+    assert sorted(ResultStore(tmp_path).read().cells["cell_id"]) == sorted(c.id for c in cells)
+
+
+@pytest.mark.parametrize("visible, device, expected", [(None, "cuda:1", "1"), (None, "cuda", "0"), ("4,6", "cuda:1", "6")])
+def test_each_gpu_worker_sees_only_its_gpu(monkeypatch, visible, device, expected):
+    from bench.runner import _child_env, _worker_device
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert _child_env(device)["CUDA_VISIBLE_DEVICES"] == expected
+    assert _worker_device(device) == "cuda:0" and _worker_device("cpu") == "cpu"
+    assert "CUDA_VISIBLE_DEVICES" not in _child_env("cpu") or visible is not None
