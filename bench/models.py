@@ -14,14 +14,12 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
-import socket
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
-from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -30,15 +28,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_buffer_registration_hook as on_buffer
 from torch.nn.modules.module import register_module_parameter_registration_hook as on_parameter
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models import get_model, get_model_weights
+from torchvision.models import get_model
 from torchvision.models._api import WeightsEnum
 
 from bench.errors import ResolutionError, UnknownModelError, WeightsUnavailableError, close_matches
 from bench.freeze import apply_freeze
 from bench.heads import drop_aux_heads, find_heads, install_heads
 from bench.suite import Cell
+from bench.weights import downloading, is_cached, prepare, timm_cfg, tv_member
 
-DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation: a dead network fails in seconds instead of hanging a worker
 SOURCES = {"tv": "torchvision", "timm": "timm"}
 
 
@@ -136,30 +134,15 @@ def _canonical(name: str) -> str:
 # --- weights names ------------------------------------------------------------------------------------------------
 
 
-def _tv_member(arch: str, weights: str | None) -> WeightsEnum:
-    enum = get_model_weights(arch)
-    key = "DEFAULT" if weights is None else weights.removeprefix(enum.__name__ + ".")
-    if key not in enum.__members__:
-        hint, valid = close_matches(key, enum.__members__), ", ".join(enum.__members__)
-        raise UnknownModelError(f"tv:{arch}: unknown weights {weights!r}{hint}; valid weights are {valid}")
-    return enum[key]
-
-
-def _timm_cfg(arch: str, tag: str | None):
-    from timm.models import get_pretrained_cfg
-
-    return get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
-
-
 def _arch_weights(name: str, weights: str | None) -> str | None:
     """The weights whose architecture `name` is built with: the one asked for, else the default."""
     source, arch = _split(name)
     if source == "tv":
-        return _tv_member(arch, weights).name
+        return tv_member(arch, weights).name
     timm = _require_timm()
     tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
     if weights is None:
-        return _timm_cfg(arch, None).tag if tags else None
+        return timm_cfg(arch, None).tag if tags else None
     if weights not in tags:
         hint, valid = close_matches(weights, tags), ", ".join(tags) or "none (it has no pretrained weights)"
         raise UnknownModelError(f"{name}: unknown weights {weights!r}{hint}; valid weights are {valid}")
@@ -224,7 +207,7 @@ def _create(
 
     def construct() -> nn.Module:
         if source == "tv":
-            member = _tv_member(arch, weights) if weights else None
+            member = tv_member(arch, weights) if weights else None
             with nullcontext() if load else _architecture_only():
                 return get_model(arch, weights=member, **kwargs)
         full = f"{arch}.{weights}" if weights else arch
@@ -293,7 +276,7 @@ def _limits(name: str, weights: str | None) -> ModelInfo:
     source, arch = _split(name)
     skeleton = _skeleton(name, weights)
     if source == "tv":
-        member = _tv_member(arch, weights)
+        member = tv_member(arch, weights)
         native, hint = int(member.transforms().crop_size[0]), int(member.meta["min_size"][0])
     else:
         cfg = skeleton.pretrained_cfg
@@ -360,94 +343,16 @@ def flops_per_image(name: str, resolution: int, num_classes: int = 10, *, weight
     return _flops(name, _arch_weights(name, weights), resolution, num_classes)
 
 
-# --- weights files ------------------------------------------------------------------------------------------------
-
-
-def _location(name: str, weights: str) -> tuple[str, Path, str]:
-    """(file or hub folder, the directory the library caches it in, the URL it comes from)."""
-    source, arch = _split(name)
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    if source == "tv":
-        url = _tv_member(arch, weights).url
-        return Path(urlparse(url).path).name, checkpoints, url
-    cfg = _timm_cfg(arch, weights)
-    if cfg.hf_hub_id:
-        from huggingface_hub import constants
-
-        return f"models--{cfg.hf_hub_id.replace('/', '--')}", Path(constants.HF_HUB_CACHE), constants.ENDPOINT
-    return Path(urlparse(cfg.url).path).name, checkpoints, cfg.url
-
-
-def _cached(name: str, weights: str) -> bool:
-    item, folder, _ = _location(name, weights)
-    if not item.startswith("models--"):
-        return (folder / item).is_file()
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = _timm_cfg(_split(name)[1], weights)
-    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-    return any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in files)
-
-
-@contextmanager
-def _socket_timeout(seconds: float):
-    # urllib (under torch.hub) waits forever on a silent network unless sockets carry a default timeout.
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _unavailable(name: str, weights: str, exc: BaseException) -> WeightsUnavailableError:
-    item, folder, _ = _location(name, weights)
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return WeightsUnavailableError(
-        f"{name}: weights {weights} are not cached ({item} is not in {folder}) and could not be downloaded "
-        f"({reason}); run `bench fetch {name}` on a machine with internet and copy {item} into {folder}, "
-        f"or set pretrained: false"
-    )
-
-
-def _prepare(name: str, weights: str) -> Path:
-    """Make sure the library's loader will find the weights: cached, downloaded now (torchvision), or their
-    server reachable (timm). Fails fast, in one sentence, where the libraries would hang or retry for a minute."""
-    item, folder, url = _location(name, weights)
-    if _cached(name, weights):
-        return folder / item
-    try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            if name.startswith("tv:"):
-                folder.mkdir(parents=True, exist_ok=True)
-                match = torch.hub.HASH_REGEX.search(item)  # torchvision files are <arch>-<sha256 prefix>.pth
-                torch.hub.download_url_to_file(url, str(folder / item), hash_prefix=match.group(1) if match else None)
-            elif item.startswith("models--") and _hf_offline():
-                raise OSError("HF_HUB_OFFLINE is set")
-            else:  # huggingface_hub retries a dead network for about 25 s per file: one connection tells sooner
-                host = urlparse(url)
-                socket.create_connection((host.hostname, host.port or 443)).close()
-    except OSError as exc:  # URLError, DNS failures, refused connections, socket timeouts
-        raise _unavailable(name, weights, exc) from None
-    return folder / item
-
-
-def _hf_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+# --- weights -----------------------------------------------------------------------------------------------------
 
 
 def _load(name: str, weights: str | None, aux: bool = True) -> nn.Module:
     """The model with its pretrained weights, through the library's own loader."""
     if weights is None:
         raise WeightsUnavailableError(f"{name} has no pretrained weights; set pretrained: false or pick another model")
-    _prepare(name, weights)
-    try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            return _create(name, weights, meta=False, load=True, aux=aux)
-    except OSError as exc:  # the download failed midway, or huggingface_hub gave up
-        raise _unavailable(name, weights, exc) from None
+    prepare(name, weights)
+    with downloading(name, weights):  # timm downloads as it loads; huggingface_hub may still give up
+        return _create(name, weights, meta=False, load=True, aux=aux)
 
 
 def fetch_weights(name: str, weights: str | None = None) -> Path:
@@ -456,8 +361,8 @@ def fetch_weights(name: str, weights: str | None = None) -> Path:
     arch_weights = _arch_weights(name, weights)
     if arch_weights is None:
         raise WeightsUnavailableError(f"{name} has no pretrained weights to fetch; use it with pretrained: false")
-    path = _prepare(name, arch_weights)
-    if not _cached(name, arch_weights):
+    path = prepare(name, arch_weights)
+    if not is_cached(name, arch_weights):
         _load(name, arch_weights)  # timm fills its cache as it loads
     return path
 

@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bench import models
+from bench import models, weights
 from bench.errors import ResolutionError, UnknownModelError, WeightsUnavailableError
 from bench.suite import Cell
 
@@ -344,7 +344,7 @@ def test_missing_weights_fail_fast_in_one_sentence(torch_home, monkeypatch):
     real_urlopen = urllib.request.urlopen
     silent_url = f"http://127.0.0.1:{port}/resnet18-f37072fd.pth"
     monkeypatch.setattr(torch.hub, "urlopen", lambda request, *a, **k: real_urlopen(silent_url, *a, **k))
-    monkeypatch.setattr(models, "DOWNLOAD_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(weights, "DOWNLOAD_TIMEOUT_S", 0.5)
     start = time.monotonic()
     with pytest.raises(WeightsUnavailableError) as caught:
         models.build(cell("resnet18", pretrained=True), 10)

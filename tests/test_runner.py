@@ -4,14 +4,12 @@ on, a killed run resumes with each cell exactly once, and two runs never share a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
@@ -19,7 +17,7 @@ from bench import measure
 from bench.errors import ResultsError
 from bench.runner import RunOptions, matches, run_suite
 from bench.store import ResultStore
-from bench.suite import Cell, expand, parse_suite
+from bench.suite import expand, parse_suite
 
 TINY = {"steps": 2, "batch_size": 16, "train_subset": 64, "test_subset": 32, "pretrained": False,
         "resolution": 32, "epochs": 1}
