@@ -1,5 +1,5 @@
 """The fallback for image folders too large to keep on the device: a DataLoader with workers and
-torchvision.transforms.v2, behind the same interface as `data.DeviceLoader`."""
+torchvision.transforms.v2, behind the same interface as `loader.DeviceLoader`."""
 
 from __future__ import annotations
 

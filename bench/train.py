@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data import EpochBatches
+from bench.loader import EpochBatches
 from bench.measure import Clock
 from bench.suite import Cell
 
@@ -227,7 +227,7 @@ def extract_features(model: nn.Module, head: nn.Module, loader, precision: str, 
 
 def run_cell(cell: Cell, splits, backbone, device: torch.device, num_classes: int, progress: Progress) -> Outcome:
     """Train and evaluate one cell (or time it, in throughput mode); returns row fields and epochs."""
-    from bench.data import make_loader
+    from bench.loader import make_loader
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes per cell: autotuning pays off after warm-up

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from bench import data, measure  # noqa: E402
+from bench import data, loader, measure  # noqa: E402
 from benchmarks.common import cifar_folder, table  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     rows = []
     for resolution in (32, 224):
         batches = max(4, min(len(splits.train) // args.batch_size - 1, 60 if resolution == 32 else 24))
-        ours = data.DeviceLoader(splits.train, batch_size=args.batch_size, resolution=resolution, device=device,
+        ours = loader.DeviceLoader(splits.train, batch_size=args.batch_size, resolution=resolution, device=device,
                                  augment="standard", train=True, channels_last=True, seed=0)
         mine = rate(ours, device, batches)
         theirs = rate(baseline_loader(splits.train, resolution, args.batch_size, args.workers), device, batches)

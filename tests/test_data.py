@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench import data
-from bench.data import IMAGENET_MEAN, IMAGENET_STD, DeviceLoader, ImageArrays
+from bench import data, loader
+from bench.data import IMAGENET_MEAN, IMAGENET_STD, ImageArrays
 from bench.errors import DatasetUnavailableError, UnknownDatasetError
+from bench.loader import DeviceLoader
 
 CPU = torch.device("cpu")
 
@@ -151,12 +152,12 @@ def test_large_imagefolder_streams_with_the_same_interface(tmp_path, monkeypatch
     monkeypatch.setenv("BENCH_RESIDENT_MAX_BYTES", "100")
     s = data.load_splits(f"imagefolder:{tmp_path / 'ds'}", tmp_path / "root", val_fraction=0.0)
     assert s.loader == "streaming"
-    loader = data.make_loader(s.train, batch_size=4, resolution=24, device=CPU, augment="standard",
-                              train=True, channels_last=True, seed=0)
-    loader.loader.num_workers = 0
-    x, y = next(iter(loader))
+    batches = loader.make_loader(s.train, batch_size=4, resolution=24, device=CPU, augment="standard",
+                                 train=True, channels_last=True, seed=0)
+    batches.loader.num_workers = 0
+    x, y = next(iter(batches))
     assert x.shape == (4, 3, 24, 24) and x.is_contiguous(memory_format=torch.channels_last)
-    assert y.dtype == torch.int64 and len(loader) == 4
+    assert y.dtype == torch.int64 and len(batches) == 4
 
 
 def test_real_cifar10_images_load_with_the_right_classes_and_counts(cifar_jpg, session_data_root):
@@ -217,7 +218,7 @@ def test_epochs_reshuffle_and_crops_differ():
 def test_standard_crop_is_a_shifted_flipped_window_of_the_zero_padded_image():
     """Each output equals torchvision's RandomCrop(padding=4) + flip for some shift and flip."""
     img = torch.randint(1, 256, (8, 32, 32, 3), dtype=torch.uint8)
-    out = data.augment_batch(img, "standard", torch.Generator().manual_seed(1))
+    out = loader.augment_batch(img, "standard", torch.Generator().manual_seed(1))
     assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
     padded = torch.nn.functional.pad(img.permute(0, 3, 1, 2).float() / 255, (4, 4, 4, 4))
     for k in range(8):
