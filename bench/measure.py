@@ -121,19 +121,24 @@ def vram_peaks(device) -> dict[str, int | None]:
 
 
 def nvml_used_reader(device):
-    """A callable reading the whole device's used memory via NVML (all processes), or None."""
+    """A callable reading the whole device's used memory via NVML (all processes), or None without NVML."""
     if device.type != "cuda":
         return None
     try:
         import pynvml
-
+    except ImportError:
+        return None
+    # NVML numbers GPUs physically; CUDA_VISIBLE_DEVICES (indices or GPU-/MIG- UUIDs) renumbers them for torch.
+    index = device.index if device.index is not None else 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    try:
         pynvml.nvmlInit()
-        index = device.index if device.index is not None else 0
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible:
-            index = int(visible.split(",")[index])
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    except Exception:  # noqa: BLE001 - NVML missing or unusable: the column stays empty, by design
+        physical = visible[index] if visible else str(index)
+        if physical.isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(physical))
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(physical)
+    except (pynvml.NVMLError, IndexError):  # no driver, no such device: the NVML column stays empty
         return None
     return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
@@ -195,9 +200,11 @@ def environment(device) -> dict[str, object]:
 def _driver_version() -> str | None:
     try:
         import pynvml
-
+    except ImportError:
+        return None
+    try:
         pynvml.nvmlInit()
         version = pynvml.nvmlSystemGetDriverVersion()
-        return version.decode() if isinstance(version, bytes) else version
-    except Exception:  # noqa: BLE001 - no NVML: the driver column stays empty
+    except pynvml.NVMLError:  # no driver: the column stays empty
         return None
+    return version.decode() if isinstance(version, bytes) else version

@@ -179,3 +179,43 @@ def test_each_gpu_worker_sees_only_its_gpu(monkeypatch, visible, device, expecte
     assert _child_env(device)["CUDA_VISIBLE_DEVICES"] == expected
     assert _worker_device(device) == "cuda:0" and _worker_device("cpu") == "cpu"
     assert "CUDA_VISIBLE_DEVICES" not in _child_env("cpu") or visible is not None
+
+
+class FakeNVML:
+    """pynvml's calls that bench makes, over two physical GPUs with known used memory."""
+
+    class NVMLError(Exception):
+        pass
+
+    used = {0: 1 << 30, 1: 3 << 30, "GPU-b": 5 << 30}
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        if index not in self.used:
+            raise self.NVMLError("Invalid Argument")
+        return index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if uuid not in self.used:
+            raise self.NVMLError("Not Found")
+        return uuid
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Info", (), {"used": self.used[handle]})()
+
+
+@pytest.mark.parametrize("visible, device, expected", [(None, "cuda:1", 3 << 30), ("1,0", "cuda:1", 1 << 30),
+                                                       ("GPU-b", "cuda:0", 5 << 30), (None, "cuda:7", None),
+                                                       (None, "cpu", None)])
+def test_nvml_reads_the_physical_gpu_behind_the_cuda_index(monkeypatch, visible, device, expected):
+    import torch
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML())
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    reader = measure.nvml_used_reader(torch.device(device))
+    assert (reader() if reader else None) == expected
