@@ -128,7 +128,7 @@ class Stepper:
 
     def __init__(self, module: nn.Module, cell: Cell, plan: Plan, device: torch.device, forward=None):
         self.module, self.cell, self.plan, self.device = module, cell, plan, device
-        self.forward = forward or module
+        self.forward = module if forward is None else forward  # not `or`: a compiled module has no truth value
         self.opt, self.sched = make_optimizer(module, cell, plan)
         self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
         self.reset()

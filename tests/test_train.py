@@ -145,6 +145,20 @@ def test_throughput_mode_times_steps_without_evaluating():
     assert row["steps_run"] == 5 and row["images_per_s"] > 0 and "top1" not in row
 
 
+@pytest.mark.slow
+def test_compile_runs_the_compiled_graph_and_keeps_compilation_out_of_the_steady_state():
+    # About a minute on two CPU cores (inductor compiles ResNet-18's forward and backward).
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cell = Cell(model="tv:resnet18", mode="throughput", compile=True, throughput_warmup_steps=1, throughput_steps=3,
+                **{**SMALL, "batch_size": 8})
+    _, outcome = run(cell)
+    row = outcome.row
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step ran through dynamo
+    steady_step_s = (row["train_s"] - row["warmup_s"]) / cell.throughput_steps
+    assert row["warmup_s"] > 5 * steady_step_s and row["images_per_s"] > 0
+
+
 def test_auxiliary_heads_add_their_loss():
     y = torch.tensor([0, 1])
     main, aux = torch.randn(2, 3), torch.randn(2, 3)
