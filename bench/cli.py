@@ -64,6 +64,8 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
             ids = list(range(count)) if gpus == "all" else [int(g) for g in gpus.split(",")]
         except ValueError:
             raise BenchError(f"--gpus {gpus!r} is not 'all' or a list of indices like 0,1") from None
+        if len(set(ids)) < len(ids):
+            raise BenchError(f"--gpus {gpus} names a GPU twice; two cells on one GPU would spoil both cells' timings")
         bad = [i for i in ids if not 0 <= i < count]
         if bad:
             raise BenchError(f"--gpus names GPU {bad[0]} and this machine has {count} (0..{count - 1}); fix the list")

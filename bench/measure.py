@@ -122,25 +122,65 @@ def vram_peaks(device) -> dict[str, int | None]:
 
 def nvml_used_reader(device):
     """A callable reading the whole device's used memory via NVML (all processes), or None without NVML."""
+    found = _nvml_handle(device)
+    if found is None:
+        return None
+    pynvml, handle = found
+
+    def read() -> int | None:
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        except pynvml.NVMLError:  # a GPU fallen off the bus must not mask the cell's own error
+            return None
+
+    return read
+
+
+def _nvml_handle(device):
+    """(pynvml, the NVML handle of the physical GPU behind a torch CUDA device), or None without NVML."""
     if device.type != "cuda":
         return None
     try:
         import pynvml
     except ImportError:
         return None
-    # NVML numbers GPUs physically; CUDA_VISIBLE_DEVICES (indices or GPU-/MIG- UUIDs) renumbers them for torch.
-    index = device.index if device.index is not None else 0
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     try:
         pynvml.nvmlInit()
+        uuid = _cuda_uuid(device)
+        if uuid:  # exact, whatever order CUDA enumerates devices in
+            return pynvml, pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        # NVML numbers GPUs by PCI bus; CUDA_VISIBLE_DEVICES (indices or UUIDs) renumbers them for CUDA.
+        index = device.index if device.index is not None else 0
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         physical = visible[index] if visible else str(index)
         if physical.isdigit():
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(physical))
-        else:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(physical)
-    except (pynvml.NVMLError, IndexError):  # no driver, no such device: the NVML column stays empty
+            return pynvml, pynvml.nvmlDeviceGetHandleByIndex(int(physical))
+        return pynvml, pynvml.nvmlDeviceGetHandleByUUID(physical)
+    except (pynvml.NVMLError, IndexError):  # no driver, no such device: the NVML columns stay empty
         return None
-    return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+def _cuda_uuid(device) -> str | None:
+    # Only where this process already uses CUDA: the runner must not create a context on the GPUs its
+    # workers measure (NVML's device-level peak would include it).
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return None
+    return "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
+
+
+def _gpu_name(device) -> str | None:
+    import torch
+
+    if torch.cuda.is_initialized():
+        return torch.cuda.get_device_name(device)
+    found = _nvml_handle(device)
+    if found is None:
+        return None
+    pynvml, handle = found
+    name = pynvml.nvmlDeviceGetName(handle)
+    return name.decode() if isinstance(name, bytes) else name
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,7 +205,8 @@ def _cpu_model() -> str:
 
 
 def environment(device) -> dict[str, object]:
-    """Provenance columns: which machine and which library versions produced a row."""
+    """Provenance columns: which machine and which library versions produced a row. Never initialises
+    CUDA itself (the runner calls it too, and must leave the GPUs to its workers)."""
     import torch
     import torchvision
 
@@ -180,7 +221,7 @@ def environment(device) -> dict[str, object]:
     cuda = device.type == "cuda"
     env = {
         "device": str(device),
-        "gpu_name": torch.cuda.get_device_name(device) if cuda else None,
+        "gpu_name": _gpu_name(device) if cuda else None,
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "driver_version": _driver_version() if cuda else None,
         "cuda_version": torch.version.cuda,

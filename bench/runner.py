@@ -189,7 +189,8 @@ def run_one(cell: Cell, suite: Suite, run_id: str, device: str, options: RunOpti
             watch = _supervise(cell, argv, device, options, err, report, stop or threading.Event())
         outcome = json.loads(result.read_text()) if result.is_file() else None
     row = base_row(cell, suite, run_id)
-    row.update(_device_env(device))
+    machine = _device_env(device)
+    row.update(machine)
     epochs: list[dict] = []
     # A result written before the process died (a crash at interpreter teardown) still counts, unless
     # the runner itself stopped the cell for memory or time.
@@ -197,6 +198,9 @@ def run_one(cell: Cell, suite: Suite, run_id: str, device: str, options: RunOpti
         row.update(outcome.get("row", {}))
         row.update(status=outcome["status"], error=outcome.get("error"))
         epochs = outcome.get("epochs", [])
+        # The worker sees one GPU as cuda:0 (CUDA_VISIBLE_DEVICES); which one, and how many the machine
+        # has, only the runner knows.
+        row.update(device=machine["device"], gpu_count=machine["gpu_count"])
     else:
         code = watch.returncode
         status = watch.stopped_for or ("killed" if code is not None and code < 0 else "error")
@@ -215,8 +219,8 @@ def _child_env(device: str) -> dict:
     env = dict(os.environ)
     if device.startswith("cuda"):
         index = device.partition(":")[2] or "0"
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[int(index)] if visible else index
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[int(index)] if visible else index
     env.setdefault("PYTHONUNBUFFERED", "1")
     if device == "cpu":
         # OpenMP threads spin while they wait; with any other busy process on a small machine a spinning

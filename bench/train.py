@@ -50,7 +50,8 @@ class Outcome:
 def resolve_precision(cell: Cell, device: torch.device) -> str:
     if cell.precision != "auto":
         return cell.precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    # Native bf16 only (Ampere and later): on older GPUs torch would emulate it, slower than fp32.
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
 
 
 def default_lr(cell: Cell) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -117,12 +118,39 @@ def classify(exc: BaseException) -> str:
     import torch
 
     text = str(exc).lower()
+    # cuBLAS and cuDNN report their own allocation failures (CUBLAS_STATUS_ALLOC_FAILED) as RuntimeErrors.
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or any(
-        m in text for m in ("out of memory", "can't allocate memory", "cannot allocate memory")):
+        m in text for m in ("out of memory", "can't allocate memory", "cannot allocate memory", "alloc_failed")):
         return "oom"
     if isinstance(exc, UnavailableError):
         return "unavailable"
     return "error"
+
+
+# Generic advice that torch appends to CUDA and compile errors: the line before it says what happened.
+HINTS = re.compile(r"^(Compile with `TORCH_USE_CUDA_DSA`|CUDA kernel errors might be asynchronously|For debugging "
+                   r"consider passing CUDA_LAUNCH_BLOCKING|Set TORCHDYNAMO_VERBOSE|Set TORCH_LOGS|You can suppress "
+                   r"this exception|Device-side assertions were explicitly omitted)")
+
+
+def message(exc: BaseException) -> str:
+    """The error's last line that says what went wrong (torch's trailing debugging hints skipped)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    said = [ln for ln in lines if not HINTS.match(ln)] or lines
+    return said[-1] if said else exc.__class__.__name__
+
+
+def failure_measurements(spec: dict) -> dict:
+    """What a failed cell still measured: its peaks up to the failure, an OOM's most telling numbers."""
+    import torch
+
+    from bench import measure
+
+    fields = {"peak_host_maxrss_bytes": measure.host_maxrss_bytes()}
+    device = torch.device(spec["device"])
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        fields.update(measure.vram_peaks(device))
+    return fields
 
 
 def main(argv: list[str]) -> int:
@@ -134,8 +162,8 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure becomes a result row, none is swallowed
         if not isinstance(exc, BenchError):
             traceback.print_exc()
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
-        result = {"status": classify(exc), "error": f"{exc.__class__.__name__}: {message}"[:2000]}
+        result = {"status": classify(exc), "error": f"{exc.__class__.__name__}: {message(exc)}"[:2000],
+                  "row": failure_measurements(spec)}
     tmp = Path(argv[2] + ".tmp")
     tmp.write_text(json.dumps(result, default=str))
     os.replace(tmp, argv[2])

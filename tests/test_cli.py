@@ -132,7 +132,8 @@ def test_device_options_on_a_machine_with_four_gpus(monkeypatch, device, gpus, e
     assert _default_devices(device, gpus) == expected
 
 
-@pytest.mark.parametrize("device, gpus, expected", [(None, "4", "has 4"), ("cuda:9", None, "not on this machine")])
+@pytest.mark.parametrize("device, gpus, expected", [(None, "4", "has 4"), ("cuda:9", None, "not on this machine"),
+                                                    (None, "0,0", "twice")])
 def test_device_options_beyond_the_gpus_there_are(monkeypatch, device, gpus, expected):
     import torch
 

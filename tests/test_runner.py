@@ -39,6 +39,7 @@ def test_each_failure_mode_leaves_its_status_and_the_suite_completes(tmp_path, m
     status = {r["cell_id"]: r for r in summary.rows}
     assert [status[c.id]["status"] for c in cells] == ["ok", "error", "oom", "timeout", "killed"]
     assert "injected failure" in status[cells[1].id]["error"]
+    assert status[cells[1].id]["peak_host_maxrss_bytes"] > 50 * 2**20  # a failed cell keeps what it measured
     assert "limit of 2.00 GiB" in status[cells[2].id]["error"]
     assert "time limit of 60 s" in status[cells[3].id]["error"]
     assert "SIGKILL" in status[cells[4].id]["error"]
@@ -188,9 +189,16 @@ class FakeNVML:
         pass
 
     used = {0: 1 << 30, 1: 3 << 30, "GPU-b": 5 << 30}
+    lost = False
 
     def nvmlInit(self):
         pass
+
+    def nvmlDeviceGetName(self, handle):
+        return f"Fake GPU {handle}"
+
+    def nvmlSystemGetDriverVersion(self):
+        return b"999.1"
 
     def nvmlDeviceGetHandleByIndex(self, index):
         if index not in self.used:
@@ -203,6 +211,8 @@ class FakeNVML:
         return uuid
 
     def nvmlDeviceGetMemoryInfo(self, handle):
+        if self.lost:
+            raise self.NVMLError("GPU is lost")
         return type("Info", (), {"used": self.used[handle]})()
 
 
@@ -219,3 +229,47 @@ def test_nvml_reads_the_physical_gpu_behind_the_cuda_index(monkeypatch, visible,
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     reader = measure.nvml_used_reader(torch.device(device))
     assert (reader() if reader else None) == expected
+
+
+def test_provenance_of_a_gpu_comes_from_nvml_without_touching_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    env = measure.environment(torch.device("cuda:1"))
+    assert env["gpu_name"] == "Fake GPU 1" and env["driver_version"] == "999.1" and env["device"] == "cuda:1"
+    assert not torch.cuda.is_initialized()
+
+
+def test_a_lost_gpu_leaves_the_nvml_column_empty_instead_of_raising(monkeypatch):
+    import torch
+
+    fake = FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    sampler = measure.PeakSampler(measure.nvml_used_reader(torch.device("cuda:0")))
+    with sampler:
+        fake.lost = True
+    assert sampler.peak == 1 << 30  # read before the loss, and no NVMLError out of __exit__
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be asynchronously reported at "
+     "some other API call\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\nCompile with "
+     "`TORCH_USE_CUDA_DSA` to enable device-side assertions.\n", "CUDA error: an illegal memory access was encountered"),
+    ("backend='inductor' raised:\nRuntimeError: boom\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace",
+     "RuntimeError: boom"),
+    ("first\nlast", "last"), ("", "RuntimeError")])
+def test_error_text_is_the_last_line_that_says_what_happened(text, expected):
+    from bench.worker import message
+
+    assert message(RuntimeError(text)) == expected
+
+
+@pytest.mark.parametrize("exc, status", [(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"), "oom"),
+                                         (MemoryError(), "oom"), (RuntimeError("CUDA out of memory. Tried"), "oom"),
+                                         (RuntimeError("shape mismatch"), "error")])
+def test_failures_are_classified(exc, status):
+    from bench.worker import classify
+
+    assert classify(exc) == status
