@@ -94,19 +94,26 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
 @click.option("--max-host-mem", type=click.FloatRange(min=0, min_open=True), help="GiB of host RAM a cell's processes may use (status oom past it).")
 @click.option("--no-download", is_flag=True, help="Never try to download datasets.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Run cells as Ray tasks, one GPU each: 'auto' (this machine's cluster), ray://HOST:PORT, or 'local'.")
 @friendly
 def run(suite, results, data_root, device, gpus, rerun, only, max_cells, cell_timeout, max_host_mem, no_download,
-        overrides):
+        overrides, ray_address):
     """Run every cell of SUITE (default: the embedded smoke suite) that has no result yet."""
     from bench.progress import Progress
     from bench.runner import RunOptions, run_suite
 
+    if ray_address and (device or gpus):
+        raise BenchError("--ray gives each cell a GPU of the cluster itself; drop --device and --gpus")
     loaded, cells = _load(suite, overrides)
-    options = RunOptions(results=results, data_root=data_root, devices=_default_devices(device, gpus),
+    # With --ray the cluster places cells; the driver's own device only labels rows it writes itself.
+    devices = ("cpu",) if ray_address else _default_devices(device, gpus)
+    options = RunOptions(results=results, data_root=data_root, devices=devices, ray=ray_address,
                          rerun=rerun, only=only, max_cells=max_cells, cell_timeout_s=cell_timeout,
                          max_host_bytes=int(max_host_mem * 2**30) if max_host_mem else None,
                          download=not no_download)
-    click.echo(f"suite {loaded.name}: {len(cells)} cells on {', '.join(options.devices)}; results in {results}/")
+    where = f"Ray ({ray_address})" if ray_address else ", ".join(options.devices)
+    click.echo(f"suite {loaded.name}: {len(cells)} cells on {where}; results in {results}/")
     with Progress() as progress:
         summary = run_suite(loaded, cells, options, progress.handle)
     click.echo(f"run {summary.run_id}: {len(summary.rows)} cells run, {summary.skipped} already done")

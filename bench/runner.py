@@ -1,5 +1,6 @@
 """Ordering and resuming cells, one process per cell, time and memory limits, and turning every
-way a cell can end (crash, OOM, kill, timeout) into a result row. Executors: local, one cell per GPU."""
+way a cell can end (crash, OOM, kill, timeout) into a result row. Executors: local (one cell per
+device at a time, here) and Ray (`bench/cluster.py`: the same cell processes on a cluster's GPUs)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class RunOptions:
     cell_timeout_s: float | None = None
     max_host_bytes: int | None = None
     download: bool = True
+    ray: str | None = None  # a Ray address ("auto", "ray://host:10001") or "local": run cells as Ray tasks
 
 
 @dataclass
@@ -86,21 +88,30 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
         todo, summary.skipped = select(cells, store.done_cell_ids(suite.name), options)
         report({"kind": "suite", "total": len(todo), "skipped": summary.skipped})
         missing = _missing_datasets(todo, options)
-        jobs: queue.Queue[Cell] = queue.Queue()
+        runnable = []
         for cell in todo:
             if cell.dataset in missing:  # one clear row per cell, no process started for nothing
-                record(_unavailable_row(cell, suite, summary.run_id, options, missing[cell.dataset]), [])
+                record(_failed_row(cell, suite, summary.run_id, options, missing[cell.dataset]), [])
             else:
-                jobs.put(cell)
+                runnable.append(cell)
+        if options.ray:
+            from bench import cluster
 
-        _execute(jobs, suite, summary.run_id, options, store, report, record)
+            cluster.execute(runnable, suite, summary.run_id, options, store, record,
+                            lambda cell, status, error: _failed_row(cell, suite, summary.run_id, options, (status, error)))
+        else:
+            _execute(runnable, suite, summary.run_id, options, store, report, record)
     return summary
 
 
-def _execute(jobs, suite, run_id, options, store, report, record) -> None:
-    """One thread per device, a cell per device at a time. On Ctrl-C every worker is killed and every
-    thread joined before the results folder is unlocked, so no cell runs on behind a later run's back."""
+def _execute(cells: list[Cell], suite, run_id, options, store, report, record) -> None:
+    """The local executor: one thread per device, a cell per device at a time. On Ctrl-C every worker is
+    killed and every thread joined before the results folder is unlocked, so no cell runs on behind a
+    later run's back."""
     stop, errors = threading.Event(), []
+    jobs: queue.Queue[Cell] = queue.Queue()
+    for cell in cells:
+        jobs.put(cell)
 
     def drain(device: str) -> None:
         while not stop.is_set():
@@ -109,7 +120,8 @@ def _execute(jobs, suite, run_id, options, store, report, record) -> None:
             except queue.Empty:
                 return
             try:
-                row, epochs = run_one(cell, suite, run_id, device, options, store, report, stop)
+                log = store.log_path(suite.name, cell.id, run_id)
+                row, epochs = run_one(cell, suite, run_id, device, options, log, report, stop)
                 if row["status"] != "interrupted":
                     record(row, epochs)
             except Exception as exc:  # noqa: BLE001 - re-raised in the main thread after the others stop
@@ -132,7 +144,8 @@ def _execute(jobs, suite, run_id, options, store, report, record) -> None:
         raise errors[0]
 
 
-def _unavailable_row(cell: Cell, suite: Suite, run_id: str, options: RunOptions, reason: tuple[str, str]) -> dict:
+def _failed_row(cell: Cell, suite: Suite, run_id: str, options: RunOptions, reason: tuple[str, str]) -> dict:
+    """The row of a cell that ended without a worker's report: (status, error) say why."""
     now = datetime.now(timezone.utc)
     row = base_row(cell, suite, run_id)
     row.update(_device_env(options.devices[0]), status=reason[0], error=reason[1], started_at=now, finished_at=now)
@@ -173,9 +186,9 @@ class _Watch:
     timeout: float | None = None
 
 
-def run_one(cell: Cell, suite: Suite, run_id: str, device: str, options: RunOptions, store: ResultStore,
+def run_one(cell: Cell, suite: Suite, run_id: str, device: str, options: RunOptions, log: Path,
             report: Callable[[dict], None], stop: threading.Event | None = None) -> tuple[dict, list[dict]]:
-    """Run one cell in a fresh process and return its row, whatever happened to the process."""
+    """Run one cell in a fresh process (its stderr to `log`) and return its row, whatever happened to it."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-cell-") as tmp:
@@ -183,7 +196,6 @@ def run_one(cell: Cell, suite: Suite, run_id: str, device: str, options: RunOpti
         spec.write_text(json.dumps({"cell": cell.model_dump_json(), "device": _worker_device(device),
                                     "data_root": str(options.data_root) if options.data_root else None,
                                     "download": options.download}))
-        log = store.log_path(suite.name, cell.id, run_id)
         with open(log, "w") as err:
             argv = [sys.executable, "-m", "bench.worker", str(spec), str(result)]
             watch = _supervise(cell, argv, device, options, err, report, stop or threading.Event())
