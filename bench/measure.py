@@ -170,6 +170,19 @@ def _cuda_uuid(device) -> str | None:
     return "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
 
 
+def nvml_gpu_count() -> int | None:
+    """The machine's GPUs as NVML counts them (whatever CUDA_VISIBLE_DEVICES hides), or None without NVML."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetCount())
+    except pynvml.NVMLError:
+        return None
+
+
 def _gpu_name(device) -> str | None:
     import torch
 

@@ -4,6 +4,7 @@ device at a time, here) and Ray (`bench/cluster.py`: the same cell processes on 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -84,7 +85,7 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
             summary.rows.append(row)
         report({"kind": "cell_done", "row": row})
 
-    with store.lock():
+    with _executor_session(options), store.lock():
         todo, summary.skipped = select(cells, store.done_cell_ids(suite.name), options)
         report({"kind": "suite", "total": len(todo), "skipped": summary.skipped})
         missing = _missing_datasets(todo, options)
@@ -102,6 +103,15 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
         else:
             _execute(runnable, suite, summary.run_id, options, store, report, record)
     return summary
+
+
+def _executor_session(options: RunOptions):
+    """Ray's connection, opened before the results folder is locked so a bad address changes nothing."""
+    if not options.ray:
+        return contextlib.nullcontext()
+    from bench import cluster
+
+    return cluster.session(options.ray)
 
 
 def _execute(cells: list[Cell], suite, run_id, options, store, report, record) -> None:
@@ -321,8 +331,10 @@ _ENV_CACHE: dict[str, dict] = {}
 
 def _device_env(device: str) -> dict:
     """Provenance for rows whose worker died before reporting its own."""
-    if device not in _ENV_CACHE:
+    # Keyed on the GPUs this process sees too: a Ray worker process runs tasks given different GPUs.
+    key = f"{device}|{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
+    if key not in _ENV_CACHE:
         import torch
 
-        _ENV_CACHE[device] = measure.environment(torch.device(device))
-    return dict(_ENV_CACHE[device])
+        _ENV_CACHE[key] = measure.environment(torch.device(device))
+    return dict(_ENV_CACHE[key])

@@ -68,6 +68,11 @@ class Cell(BaseModel):
     feature_cache: Literal["auto", "off"] = "auto"
     cell_timeout_s: float | None = Field(None, gt=0)
 
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 (PyYAML) reads a bare `off` as false
+
     @field_validator("freeze", mode="before")
     @classmethod
     def _no_bool(cls, value: Any) -> Any:
@@ -165,7 +170,7 @@ def parse_suite(raw: Any, source: str = "<memory>") -> Suite:
 def apply_overrides(suite: Suite, assignments: Iterable[str]) -> Suite:
     """`--set KEY=VALUE`: the value for every cell, in place of what defaults, grid and include say.
 
-    Values are YAML scalars or lists (`16`, `bf16`, `true`, `[0, 1]`). The suite's hash changes with
+    Values are YAML scalars (`16`, `bf16`, `true`), or a list for `seeds` (`[0, 1]`). The suite's hash changes with
     them, and the cells' ids follow their final configuration, so overridden cells never pass for
     the suite's own.
     """

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bench.errors import BenchError
 from bench.runner import RunOptions, run_suite
 from bench.store import ResultStore
 from bench.suite import expand, parse_suite
@@ -24,7 +25,7 @@ def tiny_suite(name: str, seeds: list[int]):
 def test_cells_run_as_ray_tasks_leave_the_same_rows_and_resume(tmp_path, monkeypatch):
     suite = tiny_suite("ray", [0, 1, 2])
     cells = expand(suite)
-    # BENCH_* variables reach the tasks' workers: the injected failure proves it.
+    # The injected failure travels as a BENCH_* variable, as the suite's settings do to a real cluster's nodes.
     monkeypatch.setenv("BENCH_FAULTS", json.dumps({cells[1].id: "raise"}))
     options = RunOptions(results=tmp_path, ray="local")
     summary = run_suite(suite, cells, options)
@@ -60,3 +61,12 @@ def test_a_task_that_dies_becomes_a_killed_row(tmp_path, monkeypatch):
     assert [r["status"] for r in summary.rows] == ["killed"]
     assert "Ray task ended without a result" in summary.rows[0]["error"] and "died" in summary.rows[0]["error"]
     assert ResultStore(tmp_path).done_cell_ids("ray-dies") == {cells[0].id}
+
+
+@pytest.mark.parametrize("address", ["bogus", "auto"])  # not an address; no cluster running here
+def test_a_bad_address_is_one_clear_error_before_anything_is_written(tmp_path, address, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    suite = tiny_suite("bad", [0])
+    with pytest.raises(BenchError, match=f"--ray {address}: cannot connect to a Ray cluster"):
+        run_suite(suite, expand(suite), RunOptions(results=tmp_path / "r", ray=address))
+    assert not (tmp_path / "r").exists()

@@ -179,7 +179,6 @@ def test_each_gpu_worker_sees_only_its_gpu(monkeypatch, visible, device, expecte
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert _child_env(device)["CUDA_VISIBLE_DEVICES"] == expected
     assert _worker_device(device) == "cuda:0" and _worker_device("cpu") == "cpu"
-    assert "CUDA_VISIBLE_DEVICES" not in _child_env("cpu") or visible is not None
 
 
 class FakeNVML:

@@ -63,6 +63,9 @@ def test_id_is_pinned_across_processes():
     code = "from bench.suite import Cell; print(Cell(model='tv:resnet18', resolution=64).id)"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == Cell(model="tv:resnet18", resolution=64).id
+    # The literal: recorded results are found again only while this holds. Changing it is a decision
+    # (bump ID_VERSION, say so in the README), never a side effect.
+    assert Cell(model="tv:resnet18", resolution=64).id == "6a085dd87e2e"
 
 
 def test_ids_survive_a_new_field_and_ignore_spelled_out_defaults():
@@ -167,3 +170,14 @@ def test_overrides_of_the_only_axis_seeds_and_dataset():
 def test_bad_overrides_fail_with_one_clear_error(assignment, expected):
     with pytest.raises(SuiteError, match=expected.replace("[", r"\[")):
         expand(apply_overrides(parse_suite(BASE), [assignment]))
+
+
+def test_yaml_off_is_the_feature_cache_value_off(tmp_path):
+    suite = load_suite(write(tmp_path, """
+        name: t
+        dataset: synthetic
+        defaults: {feature_cache: off}
+        grid: {model: [a]}
+        """))
+    assert expand(suite)[0].feature_cache == "off"
+    assert expand(apply_overrides(suite, ["feature_cache=off"]))[0].feature_cache == "off"
