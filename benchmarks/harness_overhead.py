@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved harness/bare pairs per config")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    warmup, steps = (10, 50) if device.type == "cuda" else (3, 15)
+    warmup, steps = (10, 50) if device.type == "cuda" else (3, 25)
     repeats = 1 if args.quick else args.repeats
     rows = []
     for cfg in configs(device, args.quick):
