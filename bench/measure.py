@@ -138,14 +138,10 @@ def nvml_used_reader(device):
 
 def _nvml_handle(device):
     """(pynvml, the NVML handle of the physical GPU behind a torch CUDA device), or None without NVML."""
-    if device.type != "cuda":
+    pynvml = _nvml() if device.type == "cuda" else None
+    if pynvml is None:
         return None
     try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
         uuid = _cuda_uuid(device)
         if uuid:  # exact, whatever order CUDA enumerates devices in
             return pynvml, pynvml.nvmlDeviceGetHandleByUUID(uuid)
@@ -170,16 +166,27 @@ def _cuda_uuid(device) -> str | None:
     return "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
 
 
-def nvml_gpu_count() -> int | None:
-    """The machine's GPUs as NVML counts them (whatever CUDA_VISIBLE_DEVICES hides), or None without NVML."""
+def _nvml():
+    """pynvml, initialised; None where the package or the driver is missing (the NVML columns stay empty)."""
     try:
         import pynvml
     except ImportError:
         return None
     try:
         pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetCount())
     except pynvml.NVMLError:
+        return None
+    return pynvml
+
+
+def nvml_gpu_count() -> int | None:
+    """The machine's GPUs as NVML counts them (whatever CUDA_VISIBLE_DEVICES hides), or None without NVML."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        return int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError:
         return None
 
 
@@ -252,13 +259,11 @@ def environment(device) -> dict[str, object]:
 
 
 def _driver_version() -> str | None:
-    try:
-        import pynvml
-    except ImportError:
+    nvml = _nvml()
+    if nvml is None:
         return None
     try:
-        pynvml.nvmlInit()
-        version = pynvml.nvmlSystemGetDriverVersion()
-    except pynvml.NVMLError:  # no driver: the column stays empty
+        version = nvml.nvmlSystemGetDriverVersion()
+    except nvml.NVMLError:
         return None
     return version.decode() if isinstance(version, bytes) else version
