@@ -17,8 +17,6 @@ import numpy as np
 
 from bench.errors import DatasetUnavailableError, UnknownDatasetError, close_matches
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Above this many bytes of decoded uint8 pixels (BENCH_RESIDENT_MAX_BYTES) an image folder streams
 # from disk instead of living on the device: 4 GiB holds ImageNet-64 or a few CINIC-10s.
 RESIDENT_MAX_BYTES = 4 << 30

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bench.data import IMAGENET_MEAN, IMAGENET_STD, FileList, ImageArrays
+from bench.data import FileList, ImageArrays
+from bench.recipe import IMAGENET, InputRecipe
 
 
 class EpochBatches:
@@ -47,13 +48,15 @@ class DeviceLoader(EpochBatches):
     """Batches from a uint8 array held on the device, augmented, normalised and resized per batch."""
 
     def __init__(self, data: ImageArrays, *, batch_size: int, resolution: int, device: torch.device,
-                 augment: str = "standard", train: bool = True, channels_last: bool = True, seed: int = 0):
+                 augment: str = "standard", train: bool = True, channels_last: bool = True, seed: int = 0,
+                 recipe: InputRecipe = IMAGENET):
         super().__init__(torch.from_numpy(data.labels).to(device), batch_size, train, seed)
         self.images = torch.from_numpy(data.images).to(device)  # (N, H, W, 3) uint8: 4x smaller than float
         self.resolution, self.device, self.channels_last = resolution, device, channels_last
         self.augment = augment if train else "none"
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.recipe = recipe
+        self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx, gen in self.index_batches():
@@ -63,7 +66,7 @@ class DeviceLoader(EpochBatches):
         """uint8 (B, H, W, 3) -> normalised float (B, 3, R, R), augmented when training."""
         x = augment_batch(batch, self.augment, gen)
         x = (x - self.mean) / self.std
-        x = resize(x, self.resolution)
+        x = resize(x, self.resolution, self.recipe.interpolation)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
 
@@ -106,19 +109,22 @@ def _rotate(x: torch.Tensor, max_angle: float, gen: torch.Generator | None) -> t
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Bilinear resize to the cell's resolution (antialiased when shrinking), on the device."""
+def resize(x: torch.Tensor, resolution: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize to the cell's resolution with the weights' interpolation (antialiased when shrinking, as
+    torchvision's Resize is on tensors), on the device."""
     if x.shape[-1] == resolution and x.shape[-2] == resolution:
         return x
-    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False,
+    if interpolation == "nearest":
+        return F.interpolate(x, size=(resolution, resolution), mode="nearest-exact")
+    return F.interpolate(x, size=(resolution, resolution), mode=interpolation, align_corners=False,
                          antialias=resolution < x.shape[-1])
 
 
 def make_loader(split: ImageArrays | FileList, *, batch_size: int, resolution: int, device: torch.device,
-                augment: str, train: bool, channels_last: bool, seed: int):
-    """The resident loader for decoded arrays, the streaming one for file lists; same interface."""
+                augment: str, train: bool, channels_last: bool, seed: int, recipe: InputRecipe = IMAGENET):
+    """The resident loader for decoded arrays, the streaming one for file lists; same interface, same recipe."""
     kwargs = dict(batch_size=batch_size, resolution=resolution, device=device, augment=augment,
-                  train=train, channels_last=channels_last, seed=seed)
+                  train=train, channels_last=channels_last, seed=seed, recipe=recipe)
     if isinstance(split, ImageArrays):
         return DeviceLoader(split, **kwargs)
     from bench.streaming import StreamingLoader

@@ -10,17 +10,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from bench.data import IMAGENET_MEAN, IMAGENET_STD, FileList
+from bench.data import FileList
+from bench.recipe import IMAGENET, InputRecipe
 
 
-def build_transform(resolution: int, augment: str, train: bool) -> v2.Compose:
-    """The same recipe as the device loader: resize, crop with padding, flip (rotation for `strong`)."""
-    steps: list = [v2.ToImage(), v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)]
+def build_transform(resolution: int, augment: str, train: bool, recipe: InputRecipe = IMAGENET) -> v2.Compose:
+    """The same recipe as the device loader: resize, crop with padding, flip (rotation for `strong`), the
+    weights' own mean, std and interpolation."""
+    mode = v2.InterpolationMode(recipe.interpolation)
+    steps: list = [v2.ToImage(), v2.Resize(resolution, interpolation=mode, antialias=True), v2.CenterCrop(resolution)]
     if train and augment != "none":
         steps += [v2.RandomCrop(resolution, padding=max(1, resolution // 8)), v2.RandomHorizontalFlip()]
         if augment == "strong":
             steps.append(v2.RandomRotation(15))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(recipe.mean), list(recipe.std))]
     return v2.Compose(steps)
 
 
@@ -43,12 +46,12 @@ class StreamingLoader:
 
     def __init__(self, files: FileList, *, batch_size: int, resolution: int, device: torch.device,
                  augment: str = "standard", train: bool = True, channels_last: bool = True, seed: int = 0,
-                 workers: int | None = None):
+                 recipe: InputRecipe = IMAGENET, workers: int | None = None):
         self.device, self.channels_last, self.train = device, channels_last, train
         self.batch_size, self.num_images = batch_size, len(files)
         workers = min(8, os.cpu_count() or 1) if workers is None else workers
         self.loader = DataLoader(
-            _Files(files, build_transform(resolution, augment, train)), batch_size=batch_size, shuffle=train,
+            _Files(files, build_transform(resolution, augment, train, recipe)), batch_size=batch_size, shuffle=train,
             drop_last=train and len(files) >= batch_size, num_workers=workers,
             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(seed),

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from bench import data, loader, measure  # noqa: E402
+from bench.recipe import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from benchmarks.common import cifar_folder, table  # noqa: E402
 
 
@@ -39,7 +40,7 @@ class ArrayImages(Dataset):
 def baseline_loader(arrays, resolution: int, batch_size: int, workers: int) -> DataLoader:
     recipe = transforms.Compose([
         transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.Resize(resolution),
-        transforms.ToTensor(), transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
     return DataLoader(ArrayImages(arrays, recipe), batch_size=batch_size, shuffle=True, drop_last=True,
                       num_workers=workers, persistent_workers=False)

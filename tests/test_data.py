@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench import data, loader
-from bench.data import IMAGENET_MEAN, IMAGENET_STD, ImageArrays
+from bench.data import ImageArrays
+from bench.recipe import IMAGENET_MEAN, IMAGENET_STD
 from bench.errors import DatasetUnavailableError, UnknownDatasetError
 from bench.loader import DeviceLoader
 
