@@ -47,6 +47,7 @@ class Splits:
     val: ImageArrays | FileList
     test: ImageArrays | FileList
     loader: str  # "resident" or "streaming"
+    stored_resolution: int | None = None  # the side image-folder images are stored at; None: the dataset's own
 
 
 @dataclass
@@ -131,7 +132,8 @@ def parse_name(dataset: str) -> tuple[str, str]:
     return kind, arg
 
 
-def prepare(dataset: str, data_root: Path | None = None, *, download: bool = True) -> None:
+def prepare(dataset: str, data_root: Path | None = None, *, download: bool = True,
+            stored_resolution: int | None = None) -> None:
     """Make sure a dataset is on disk (downloading it, decoding an image folder into its cache) once,
     before any cell starts; raises DatasetUnavailableError with the fix when it cannot be had."""
     kind, arg = parse_name(dataset)
@@ -146,6 +148,7 @@ def load_splits(
     train_subset: int | None = None,
     test_subset: int | None = None,
     download: bool = True,
+    stored_resolution: int | None = None,
 ) -> Splits:
     """Load a dataset by name and cut it: validation carved from train with a fixed seed, optional subsets."""
     kind, arg = parse_name(dataset)

@@ -5,6 +5,7 @@ device at a time, here) and Ray (`bench/cluster.py`: the same cell processes on 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import os
@@ -42,6 +43,8 @@ class RunOptions:
     max_host_bytes: int | None = None
     download: bool = True
     ray: str | None = None  # a Ray address ("auto", "ray://host:10001") or "local": run cells as Ray tasks
+    # dataset -> the side its image-folder images are stored at; run_suite fills it from the whole suite
+    stored_resolutions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,6 +91,7 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
     with _executor_session(options), store.lock():
         todo, summary.skipped = select(cells, store.done_cell_ids(suite.name), options)
         report({"kind": "suite", "total": len(todo), "skipped": summary.skipped})
+        options = dataclasses.replace(options, stored_resolutions=stored_resolutions(cells))
         missing = _missing_datasets(todo, options)
         runnable = []
         for cell in todo:
@@ -162,6 +166,19 @@ def _failed_row(cell: Cell, suite: Suite, run_id: str, options: RunOptions, reas
     return row
 
 
+def stored_resolutions(cells: list[Cell]) -> dict[str, int]:
+    """The side each dataset's image-folder images are decoded to, from the whole suite (not just the cells
+    this run selects, so a resumed or narrowed run stores the same pixels): the explicit `source_resolution`
+    where cells give one, else the largest resolution any cell asks for. `bench.data` caps it by the images'
+    own size."""
+    out: dict[str, int] = {}
+    for dataset in dict.fromkeys(c.dataset for c in cells):
+        mine = [c for c in cells if c.dataset == dataset]
+        explicit = [c.source_resolution for c in mine if c.source_resolution]
+        out[dataset] = max(explicit) if explicit else max(c.resolution for c in mine)
+    return out
+
+
 def _missing_datasets(cells: list[Cell], options: RunOptions) -> dict[str, str]:
     """Fetch or decode each dataset once, up front; map the ones that cannot be had to the reason."""
     from bench import data
@@ -170,7 +187,7 @@ def _missing_datasets(cells: list[Cell], options: RunOptions) -> dict[str, str]:
     missing: dict[str, tuple[str, str]] = {}
     for dataset in dict.fromkeys(c.dataset for c in cells):
         try:
-            data.prepare(dataset, options.data_root, download=options.download)
+            data.prepare(dataset, options.data_root, download=options.download, stored_resolution=options.stored_resolutions.get(dataset))
         except UnavailableError as exc:
             missing[dataset] = ("unavailable", f"{exc.__class__.__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a corrupt file: every cell of it gets an error row naming it
@@ -205,7 +222,8 @@ def run_one(cell: Cell, suite: Suite, run_id: str, device: str, options: RunOpti
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps({"cell": cell.model_dump_json(), "device": _worker_device(device),
                                     "data_root": str(options.data_root) if options.data_root else None,
-                                    "download": options.download}))
+                                    "download": options.download,
+                                    "stored_resolution": options.stored_resolutions.get(cell.dataset)}))
         with open(log, "w") as err:
             argv = [sys.executable, "-m", "bench.worker", str(spec), str(result)]
             watch = _supervise(cell, argv, device, options, err, report, stop or threading.Event())

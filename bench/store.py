@@ -33,7 +33,7 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "run_id": _str, "suite": _str, "suite_hash": _str, "cell_id": _str, "group_id": _str,
     "status": _str, "error": _str,
     # the cell's configuration, as resolved
-    "dataset": _str, "model": _str, "resolution": _i64, "batch_size": _i64, "freeze": _str,
+    "dataset": _str, "model": _str, "resolution": _i64, "source_resolution": _i64, "batch_size": _i64, "freeze": _str,
     "epochs": _i64, "steps": _i64, "optimizer": _str, "lr": _f64, "momentum": _f64,
     "weight_decay": _f64, "schedule": _str, "warmup_fraction": _f64, "label_smoothing": _f64,
     "precision": _str, "channels_last": _bool, "compile": _bool, "pretrained": _bool, "weights": _str,
@@ -43,7 +43,8 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "feature_cache": _str, "cell_timeout_s": _f64, "cell_json": _str,
     # data and model as built
     "num_classes": _i64, "train_images": _i64, "val_images": _i64, "test_images": _i64,
-    "loader": _str, "feature_cache_used": _bool, "trainable_params": _i64, "total_params": _i64,
+    "loader": _str, "stored_resolution": _i64, "input_mean": pa.list_(_f64), "input_std": pa.list_(_f64),
+    "interpolation": _str, "crop_pct": _f64, "feature_cache_used": _bool, "trainable_params": _i64, "total_params": _i64,
     "frozen_layers": _i64, "total_layers": _i64, "flops_per_image": _i64,
     # accuracy
     "top1": _f64, "top5": _f64, "val_top1_best": _f64, "val_top1_final": _f64,

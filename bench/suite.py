@@ -36,6 +36,7 @@ class Cell(BaseModel):
     dataset: str = "synthetic"
     model: str
     resolution: int = Field(32, ge=8, le=2048)
+    source_resolution: int | None = Field(None, ge=8, le=4096)
     batch_size: int = Field(128, ge=1)
     freeze: FreezeSpec = "none"
     epochs: int = Field(1, ge=1)

@@ -79,7 +79,8 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
     try:
         splits = data.load_splits(cell.dataset, Path(spec["data_root"]) if spec.get("data_root") else None,
                                   val_fraction=cell.val_fraction, train_subset=cell.train_subset,
-                                  test_subset=cell.test_subset, download=spec.get("download", True))
+                                  test_subset=cell.test_subset, download=spec.get("download", True),
+                                  stored_resolution=spec.get("stored_resolution"))
         num_classes = len(splits.classes)
         backbone = models.build(cell, num_classes)
         flops = _flops(models, cell, num_classes)
@@ -92,6 +93,7 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
     row = dict(
         num_classes=num_classes, class_names=splits.classes, train_images=len(splits.train),
         val_images=len(splits.val), test_images=len(splits.test), loader=splits.loader,
+        stored_resolution=_stored_side(splits),
         trainable_params=backbone.trainable_params, total_params=backbone.total_params,
         frozen_layers=backbone.frozen_layers, total_layers=backbone.total_layers, weights=backbone.weights,
         flops_per_image=flops, setup_s=outcome.ready_at - STARTED, peak_vram_nvml_bytes=sampler.peak if sampler else None,
@@ -102,6 +104,14 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
     if cell.compile:
         row["compile_s"] = row.get("warmup_s")
     return row, outcome.epochs
+
+
+def _stored_side(splits) -> int | None:
+    """The side of the images the loaders start from: an image folder's stored resolution, CIFAR's 32."""
+    if splits.stored_resolution is not None:
+        return splits.stored_resolution
+    images = getattr(splits.train, "images", None)
+    return int(images.shape[1]) if images is not None and images.ndim == 4 else None
 
 
 def _flops(models, cell: Cell, num_classes: int) -> int | None:
