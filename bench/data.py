@@ -1,12 +1,12 @@
-"""Datasets by name, reproducible splits and decoded-image caches: everything up to the uint8 arrays
-(or, for image folders too big to keep resident, the file lists) that the loaders batch from.
+"""Datasets by name and reproducible splits: everything up to the uint8 arrays (or, for image folders too
+big to keep resident, the file lists) that the loaders batch from. Image folders are read and stored by
+`bench/imagefolder.py`.
 
 Batches come from `bench/loader.py` (resident on the device) and `bench/streaming.py` (DataLoader).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from collections.abc import Callable
@@ -17,9 +17,6 @@ import numpy as np
 
 from bench.errors import DatasetUnavailableError, UnknownDatasetError, close_matches
 
-# Above this many bytes of decoded uint8 pixels (BENCH_RESIDENT_MAX_BYTES) an image folder streams
-# from disk instead of living on the device: 4 GiB holds ImageNet-64 or a few CINIC-10s.
-RESIDENT_MAX_BYTES = 4 << 30
 SPLIT_SEED = 0  # the validation split and subsets are the same for every cell, so cells compare
 
 
@@ -52,16 +49,18 @@ class Splits:
 
 @dataclass
 class FileList:
-    """Image files on disk and their labels, for the streaming path."""
+    """Image files on disk and their labels, for the streaming path, which brings each image to the
+    stored side exactly as the resident path stores it (`bench.imagefolder.stored_image`)."""
 
     paths: list[str]
     labels: np.ndarray
+    stored_resolution: int
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, index: np.ndarray) -> FileList:
-        return FileList([self.paths[i] for i in index], self.labels[index])
+        return FileList([self.paths[i] for i in index], self.labels[index], self.stored_resolution)
 
 
 @dataclass
@@ -70,6 +69,7 @@ class Raw:
     train: ImageArrays | FileList
     test: ImageArrays | FileList
     val: ImageArrays | FileList | None = None
+    stored_resolution: int | None = None  # image folders: the side every image is stored at
 
 
 def default_data_root() -> Path:
@@ -79,19 +79,25 @@ def default_data_root() -> Path:
 # ---------------------------------------------------------------- registry
 
 
-def _synthetic(_arg: str, _root: Path, _download: bool) -> Raw:
+# Each reader takes (argument after the colon, data root, may download, stored side asked for): only image
+# folders use the last; the others come at their own size.
+
+
+def _synthetic(_arg: str, _root: Path, _download: bool, _side: int | None) -> Raw:
     return synthetic_raw()
 
 
-def _cifar10(_arg: str, root: Path, download: bool) -> Raw:
+def _cifar10(_arg: str, root: Path, download: bool, _side: int | None) -> Raw:
     return _cifar(root, download, hundred=False)
 
 
-def _cifar100(_arg: str, root: Path, download: bool) -> Raw:
+def _cifar100(_arg: str, root: Path, download: bool, _side: int | None) -> Raw:
     return _cifar(root, download, hundred=True)
 
 
-def _cinic10(_arg: str, root: Path, download: bool) -> Raw:
+def _cinic10(_arg: str, root: Path, download: bool, side: int | None) -> Raw:
+    from bench.imagefolder import read_image_folder
+
     folder = root / "cinic10"
     if not (folder / "train").is_dir() and download:
         _download_cinic(folder)
@@ -100,20 +106,22 @@ def _cinic10(_arg: str, root: Path, download: bool) -> Raw:
             f"cinic10 is not in {folder} and could not be downloaded; run `bench fetch cinic10` on a machine "
             f"with internet, or unpack CINIC-10.tar.gz into {folder}"
         )
-    return read_image_folder(folder, cache_root=root)
+    return read_image_folder(folder, root, side)
 
 
-def _imagefolder(arg: str, root: Path, _download: bool) -> Raw:
+def _imagefolder(arg: str, root: Path, _download: bool, side: int | None) -> Raw:
+    from bench.imagefolder import read_image_folder
+
     folder = Path(arg).expanduser()
     if not (folder / "train").is_dir() or not (folder / "test").is_dir():
         raise DatasetUnavailableError(
             f"imagefolder:{arg} needs {folder}/train and {folder}/test with one sub-folder per class; "
             "check the path or create that layout"
         )
-    return read_image_folder(folder, cache_root=root)
+    return read_image_folder(folder, root, side)
 
 
-DATASETS: dict[str, Callable[[str, Path, bool], Raw]] = {
+DATASETS: dict[str, Callable[[str, Path, bool, int | None], Raw]] = {
     "synthetic": _synthetic,
     "cifar10": _cifar10,
     "cifar100": _cifar100,
@@ -134,10 +142,11 @@ def parse_name(dataset: str) -> tuple[str, str]:
 
 def prepare(dataset: str, data_root: Path | None = None, *, download: bool = True,
             stored_resolution: int | None = None) -> None:
-    """Make sure a dataset is on disk (downloading it, decoding an image folder into its cache) once,
-    before any cell starts; raises DatasetUnavailableError with the fix when it cannot be had."""
+    """Make sure a dataset is on disk (downloading it, decoding an image folder into its cache at
+    `stored_resolution`, capped by the images' own size) once, before any cell starts; raises
+    DatasetUnavailableError with the fix when it cannot be had, BadImageError naming an unreadable file."""
     kind, arg = parse_name(dataset)
-    DATASETS[kind](arg, Path(data_root or default_data_root()), download)
+    DATASETS[kind](arg, Path(data_root or default_data_root()), download, stored_resolution)
 
 
 def load_splits(
@@ -150,9 +159,10 @@ def load_splits(
     download: bool = True,
     stored_resolution: int | None = None,
 ) -> Splits:
-    """Load a dataset by name and cut it: validation carved from train with a fixed seed, optional subsets."""
+    """Load a dataset by name and cut it: validation carved from train with a fixed seed, optional subsets.
+    Image folders come at `stored_resolution` (see `prepare`)."""
     kind, arg = parse_name(dataset)
-    raw = DATASETS[kind](arg, Path(data_root or default_data_root()), download)
+    raw = DATASETS[kind](arg, Path(data_root or default_data_root()), download, stored_resolution)
     rng = np.random.default_rng(SPLIT_SEED)
     order = rng.permutation(len(raw.train))
     if raw.val is not None:
@@ -167,7 +177,7 @@ def load_splits(
         pick = np.random.default_rng(SPLIT_SEED + 1).permutation(len(test))[:test_subset]
         test, val = test.take(np.sort(pick)), val.take(np.arange(min(len(val), test_subset)))
     loader = "resident" if isinstance(train, ImageArrays) else "streaming"
-    return Splits(dataset, raw.classes, train, val, test, loader)
+    return Splits(dataset, raw.classes, train, val, test, loader, raw.stored_resolution)
 
 
 # ---------------------------------------------------------------- synthetic
@@ -253,70 +263,3 @@ def _download_cinic(folder: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
     _try_download(lambda: download_and_extract_archive(CINIC_URL, str(folder)), "cinic10", folder)
-
-
-# ---------------------------------------------------------------- image folders
-
-
-def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[str], list[str], np.ndarray]:
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    classes = classes or found
-    paths, labels = [], []
-    for label, cls in enumerate(classes):
-        files = sorted(p for p in (folder / cls).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"}) if (folder / cls).is_dir() else []
-        paths += [str(p) for p in files]
-        labels += [label] * len(files)
-    return classes, paths, np.asarray(labels, dtype=np.int64)
-
-
-def read_image_folder(folder: Path, cache_root: Path) -> Raw:
-    """Read train/ test/ (valid/) class folders; decode once into a cached uint8 array when it fits."""
-    classes, train_paths, train_labels = _list_split(folder / "train", None)
-    _, test_paths, test_labels = _list_split(folder / "test", classes)
-    val_files = _list_split(folder / "valid", classes) if (folder / "valid").is_dir() else None
-    if not train_paths:
-        raise DatasetUnavailableError(f"{folder}/train has no images in class folders; check the dataset path")
-    splits = {"train": (train_paths, train_labels), "test": (test_paths, test_labels)}
-    if val_files:
-        splits["valid"] = val_files[1:]
-    caches = {k: _cache_file(p, cache_root) for k, (p, _) in splits.items()}
-    if all(c.is_file() for c in caches.values()):  # decoded before: no image is opened again
-        arrays = {k: ImageArrays(np.load(caches[k]), y) for k, (_, y) in splits.items()}
-        return Raw(classes, arrays["train"], arrays["test"], arrays.get("valid"))
-    from PIL import Image
-
-    with Image.open(train_paths[0]) as first:
-        width, height = first.size
-    total = sum(len(p) for p, _ in splits.values()) * width * height * 3
-    if total > int(os.environ.get("BENCH_RESIDENT_MAX_BYTES", RESIDENT_MAX_BYTES)):
-        arrays = {k: FileList(p, y) for k, (p, y) in splits.items()}
-    else:
-        arrays = {k: ImageArrays(_decode(p, (height, width), caches[k]), y) for k, (p, y) in splits.items()}
-    return Raw(classes, arrays["train"], arrays["test"], arrays.get("valid"))
-
-
-def _cache_file(paths: list[str], cache_root: Path) -> Path:
-    """Where a split's decoded array is kept, keyed by its files' names, sizes and mtimes."""
-    key = hashlib.sha256()
-    for p in paths:
-        st = os.stat(p)
-        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return cache_root / "bench-cache" / f"imagefolder-{key.hexdigest()[:16]}.npy"
-
-
-def _decode(paths: list[str], hw: tuple[int, int], cache: Path) -> np.ndarray:
-    """Decode every image once into one uint8 array and keep it, so later runs skip decoding."""
-    from PIL import Image
-
-    out = np.empty((len(paths), *hw, 3), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        with Image.open(p) as img:
-            img = img.convert("RGB")
-            if img.size != (hw[1], hw[0]):
-                img = img.resize((hw[1], hw[0]), Image.BILINEAR)
-            out[i] = np.asarray(img)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, out)
-    os.replace(tmp, cache)
-    return out

@@ -42,6 +42,10 @@ class WeightsUnavailableError(UnavailableError):
     """Pretrained weights are not cached and could not be downloaded."""
 
 
+class BadImageError(BenchError):
+    """A file in an image folder cannot be decoded (truncated, or not an image despite its extension)."""
+
+
 class ResultsError(BenchError):
     """The results folder cannot be used (locked by another run, unreadable, ...)."""
 

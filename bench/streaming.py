@@ -1,57 +1,56 @@
-"""The fallback for image folders too large to keep on the device: a DataLoader with workers and
-torchvision.transforms.v2, behind the same interface as `loader.DeviceLoader`."""
+"""The fallback for image folders too large to keep on the device: DataLoader workers decode each file to
+the stored side, then every batch goes through the device loader's own steps, behind the same interface.
+
+Only where the uint8 pixels come from differs between the two paths: the workers call the function the
+resident path stores with (`bench.imagefolder.stored_image`: RGB, short-side resize, centre crop), and the
+batch is augmented at the stored side, normalised and resized to the cell's resolution by the functions
+`loader.DeviceLoader` uses. With `augment: none` both paths give the same tensor for the same image.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from bench.data import FileList
+from bench.imagefolder import stored_image
+from bench.loader import augment_batch, resize
 from bench.recipe import IMAGENET, InputRecipe
 
 
-def build_transform(resolution: int, augment: str, train: bool, recipe: InputRecipe = IMAGENET) -> v2.Compose:
-    """The same recipe as the device loader: resize, crop with padding, flip (rotation for `strong`), the
-    weights' own mean, std and interpolation."""
-    mode = v2.InterpolationMode(recipe.interpolation)
-    steps: list = [v2.ToImage(), v2.Resize(resolution, interpolation=mode, antialias=True), v2.CenterCrop(resolution)]
-    if train and augment != "none":
-        steps += [v2.RandomCrop(resolution, padding=max(1, resolution // 8)), v2.RandomHorizontalFlip()]
-        if augment == "strong":
-            steps.append(v2.RandomRotation(15))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(recipe.mean), list(recipe.std))]
-    return v2.Compose(steps)
-
-
 class _Files(Dataset):
-    def __init__(self, files: FileList, transform: v2.Compose):
-        self.files, self.transform = files, transform
+    """Each file as stored: (S, S, 3) uint8, so the batch that crosses to the device is 4x smaller than float."""
+
+    def __init__(self, files: FileList):
+        self.files = files
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        with Image.open(self.files.paths[i]) as img:
-            return self.transform(img.convert("RGB")), int(self.files.labels[i])
+        pixels = np.array(stored_image(self.files.paths[i], self.files.stored_resolution))  # a writable copy
+        return torch.from_numpy(pixels), int(self.files.labels[i])
 
 
 class StreamingLoader:
-    """Decode and augment on CPU workers, then move each batch to the device."""
+    """Decode on CPU workers, then augment, normalise and resize each batch on the device."""
 
     def __init__(self, files: FileList, *, batch_size: int, resolution: int, device: torch.device,
                  augment: str = "standard", train: bool = True, channels_last: bool = True, seed: int = 0,
                  recipe: InputRecipe = IMAGENET, workers: int | None = None):
-        self.device, self.channels_last, self.train = device, channels_last, train
-        self.batch_size, self.num_images = batch_size, len(files)
+        self.device, self.channels_last, self.train, self.seed = device, channels_last, train, seed
+        self.batch_size, self.num_images, self.resolution, self.recipe = batch_size, len(files), resolution, recipe
+        self.augment = augment if train else "none"
+        self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
+        self.epoch = 0
         workers = min(8, os.cpu_count() or 1) if workers is None else workers
         self.loader = DataLoader(
-            _Files(files, build_transform(resolution, augment, train, recipe)), batch_size=batch_size, shuffle=train,
+            _Files(files), batch_size=batch_size, shuffle=train,
             drop_last=train and len(files) >= batch_size, num_workers=workers,
             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(seed),
@@ -61,6 +60,16 @@ class StreamingLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        # The augmentation draws from its own generator, seeded per epoch as the device loader's is.
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
         for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True, memory_format=fmt), y.to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True)
+            yield self.transform(x, gen), y.to(self.device, non_blocking=True)
+
+    def transform(self, batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 (B, S, S, 3) -> normalised float (B, 3, R, R): `DeviceLoader.transform`'s steps, in its order."""
+        x = augment_batch(batch, self.augment, gen)
+        x = (x - self.mean) / self.std
+        x = resize(x, self.resolution, self.recipe.interpolation)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()

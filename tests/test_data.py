@@ -123,7 +123,7 @@ def test_imagefolder_reads_classes_counts_and_caches(tmp_path, monkeypatch):
     _write_folder(tmp_path / "ds")
     s = data.load_splits(f"imagefolder:{tmp_path / 'ds'}", tmp_path / "root", val_fraction=0.0)
     assert s.classes == ["ant", "bee", "cat"] and s.loader == "resident"
-    assert len(s.train) == 18 and len(s.test) == 18
+    assert len(s.train) == 18 and len(s.test) == 18 and s.stored_resolution == 16  # unasked: the images' own side
     # colour encodes the class: red channel = 100 * index in the original order (cat, ant, bee)
     red_of = {"cat": 0, "ant": 100, "bee": 200}
     for img, label in zip(s.test.images, s.test.labels):

@@ -1,0 +1,328 @@
+"""Image folders (train/ test/ [valid/], one sub-folder per class), stored once at one square side.
+
+Every image becomes the same S x S RGB picture whichever loader reads it: converted to RGB, resized so its
+short side is S, centre-cropped to S x S (torchvision's `Resize(S)` + `CenterCrop(S)` on PIL images, the
+evaluation recipe). The resident path decodes the whole folder once, in a thread pool, into a cached uint8
+array; the streaming path (`bench/streaming.py`) calls `stored_image` per file in its DataLoader workers.
+
+S is the suite's choice (`stored_resolution`: the largest resolution any cell asks for, or an explicit
+`source_resolution`) capped by the images' own size; see `stored_side`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.data import FileList, ImageArrays, Raw
+from bench.errors import BadImageError, DatasetUnavailableError
+
+# Part of every array cache's key: change it whenever `stored_image` would give different pixels.
+STORED_RECIPE = "rgb-convert|short-side-pil-bilinear|centre-crop|v1"
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+# Above this many bytes of stored uint8 pixels (BENCH_RESIDENT_MAX_BYTES) a folder streams from disk instead
+# of living on the device: 4 GiB holds ImageNet-64 or a few CINIC-10s.
+RESIDENT_MAX_BYTES = 4 << 30
+CAP_SAMPLE = 1000  # headers read to find the images' typical size: enough for a stable median, fast on any folder
+SKIP_ENV = "BENCH_SKIP_BAD_IMAGES"
+
+
+@dataclass
+class Listing:
+    """The folder's image files per split ('train', 'test', maybe 'valid') and the class names."""
+
+    classes: list[str]
+    splits: dict[str, tuple[list[str], np.ndarray]]
+
+    def all_paths(self) -> list[str]:
+        return [p for paths, _ in self.splits.values() for p in paths]
+
+
+@dataclass
+class Manifest:
+    """What is known about a folder's contents, cached under its content key: the images' typical short
+    side (the cap on S) and the files that cannot be read, once every file has been decoded (`checked`)."""
+
+    cap: int
+    bad: dict[str, str] = field(default_factory=dict)  # path -> why it cannot be read
+    checked: bool = False
+
+
+def read_image_folder(folder: Path, cache_root: Path, stored_resolution: int | None = None) -> Raw:
+    """Read train/ test/ (valid/) class folders at the stored side; decoded once into cached uint8 arrays
+    when they fit under BENCH_RESIDENT_MAX_BYTES, file lists for the streaming loader otherwise."""
+    listing = list_folder(folder)
+    paths = listing.all_paths()
+    manifest_file = _cache_dir(cache_root) / f"imagefolder-{_files_key(paths)}.json"
+    manifest = _load_manifest(manifest_file) or Manifest(cap=_typical_short_side(paths, folder))
+    side = stored_side(stored_resolution, manifest.cap)
+    stored_bytes = (len(paths) - len(manifest.bad)) * side * side * 3
+    if stored_bytes > int(os.environ.get("BENCH_RESIDENT_MAX_BYTES", RESIDENT_MAX_BYTES)):
+        arrays = _streaming(listing, side, manifest, manifest_file, folder)
+    else:
+        arrays = _resident(listing, side, manifest, manifest_file, cache_root, folder)
+    return Raw(listing.classes, arrays["train"], arrays["test"], arrays.get("valid"), stored_resolution=side)
+
+
+def stored_side(requested: int | None, cap: int) -> int:
+    """The side images are stored at: the suite's choice, never above the folder's typical short side (storing
+    small images blown up costs memory and adds nothing: the loaders resize per batch); the cap when unasked."""
+    return cap if requested is None else min(requested, cap)
+
+
+def stored_image(path: str, side: int) -> np.ndarray:
+    """One image as stored: (side, side, 3) uint8, RGB, short side resized to `side`, centre-cropped."""
+    try:
+        return _decode(path, side)
+    except _PIL_ERRORS as exc:
+        raise BadImageError(_bad_message({path: _reason(exc)}, Path(path).parent)) from None
+
+
+def _decode(path: str, side: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        # As torchvision's ImageFolder loader: greyscale and palette expand to RGB, alpha is dropped
+        # (transparent pixels keep the colour stored under them). This decodes, so a truncated file fails here.
+        rgb = img.convert("RGB")
+    return np.asarray(_resize_crop(rgb, side))
+
+
+def _resize_crop(img, side: int):
+    """torchvision's Resize(side) + CenterCrop(side) on a PIL image, to the pixel: the short side becomes
+    `side`, the long one int(side * long / short), by PIL's bilinear filter (antialiased: its support grows
+    with the reduction); then the centre window, offsets rounded as torchvision rounds them."""
+    from PIL import Image
+
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    if short != side:
+        new_long = int(side * long / short)
+        img = img.resize((side, new_long) if w <= h else (new_long, side), Image.BILINEAR)
+    w, h = img.size
+    top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
+    return img.crop((left, top, left + side, top + side))
+
+
+def _pil_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    # What PIL raises for a file it cannot decode: OSError (truncated data; UnidentifiedImageError for a
+    # file that is no image), SyntaxError and ValueError (malformed headers), EOFError, a decompression bomb.
+    return OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError
+
+
+_PIL_ERRORS = _pil_errors()
+
+
+def _reason(exc: BaseException) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image PIL can read"
+    return f"{exc.__class__.__name__}: {str(exc)[:100]}"
+
+
+# ---------------------------------------------------------------- listing and cache keys
+
+
+def list_folder(folder: Path) -> Listing:
+    """The image files of train/, test/ and valid/ (when present), sorted, with class labels from train/."""
+    classes, train_paths, train_labels = _list_split(folder / "train", None)
+    if not train_paths:
+        raise DatasetUnavailableError(f"{folder}/train has no images in class folders; check the dataset path")
+    splits = {"train": (train_paths, train_labels), "test": _list_split(folder / "test", classes)[1:]}
+    if (folder / "valid").is_dir():
+        splits["valid"] = _list_split(folder / "valid", classes)[1:]
+    return Listing(classes, splits)
+
+
+def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[str], list[str], np.ndarray]:
+    classes = classes or sorted(p.name for p in folder.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        found = sorted(p for p in (folder / cls).iterdir() if p.suffix.lower() in EXTENSIONS) if (folder / cls).is_dir() else []
+        paths += [str(p) for p in found]
+        labels += [label] * len(found)
+    return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def _cache_dir(cache_root: Path) -> Path:
+    return cache_root / "bench-cache"
+
+
+def _files_key(paths: list[str], extra: str = "") -> str:
+    """A hash of the files' paths, sizes and mtimes: a file added, removed or replaced changes it."""
+    key = hashlib.sha256(extra.encode())
+    for p in paths:
+        st = os.stat(p)
+        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return key.hexdigest()[:16]
+
+
+def cache_file(paths: list[str], cache_root: Path, side: int) -> Path:
+    """Where a split's stored array is kept: keyed by its files, the stored side and the stored recipe."""
+    return _cache_dir(cache_root) / f"imagefolder-{_files_key(paths, f'{STORED_RECIPE}|{side}')}.npy"
+
+
+def _load_manifest(path: Path) -> Manifest | None:
+    if not path.is_file():
+        return None
+    return Manifest(**json.loads(path.read_text()))
+
+
+def _save_manifest(path: Path, manifest: Manifest) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest.__dict__)))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file and a rename, so a reader never sees half a cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _typical_short_side(paths: list[str], folder: Path) -> int:
+    """The median short side of up to CAP_SAMPLE files spread evenly over the listing (headers only).
+    The median, not the largest: one big outlier must not blow every image up, nor one thumbnail shrink
+    them all. Unreadable files are left out here; decoding names them."""
+    from PIL import Image
+
+    sample = paths[::max(1, len(paths) // CAP_SAMPLE)][:CAP_SAMPLE]
+    shorts = []
+    for p in sample:
+        try:
+            with Image.open(p) as img:
+                shorts.append(min(img.size))
+        except _PIL_ERRORS:
+            continue
+    if not shorts:
+        raise BadImageError(f"none of the {len(sample)} files sampled from {folder} is an image "
+                            f"PIL can read (the first: {paths[0]}); check that the folder holds images")
+    return int(sorted(shorts)[(len(shorts) - 1) // 2])
+
+
+# ---------------------------------------------------------------- decoding, bad files
+
+
+def decode_threads() -> int:
+    """Threads for decoding: every core this process may use (PIL releases the GIL while it decodes and resizes)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_images(paths: list[str], side: int, threads: int | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """Every image as stored, into one (N, side, side, 3) uint8 array, in a thread pool; the unreadable
+    files (path -> why) come back beside it, their rows left at zero."""
+    out = np.zeros((len(paths), side, side, 3), dtype=np.uint8)
+    bad: dict[str, str] = {}
+
+    def chunk(start: int) -> None:
+        for i in range(start, min(start + 256, len(paths))):
+            try:
+                out[i] = _decode(paths[i], side)
+            except _PIL_ERRORS as exc:
+                bad[paths[i]] = _reason(exc)
+
+    _pool_run(chunk, range(0, len(paths), 256), threads)
+    return out, bad
+
+
+def find_bad_images(paths: list[str], side: int, threads: int | None = None) -> dict[str, str]:
+    """The files that cannot be decoded (path -> why), read once for the streaming path, which stores nothing.
+    JPEGs decode at a reduced scale (PIL's draft mode), enough to reach a truncation, several times faster."""
+    from PIL import Image
+
+    bad: dict[str, str] = {}
+
+    def chunk(start: int) -> None:
+        for p in paths[start:start + 256]:
+            try:
+                with Image.open(p) as img:
+                    img.draft("RGB", (side, side))
+                    img.load()
+            except _PIL_ERRORS as exc:
+                bad[p] = _reason(exc)
+
+    _pool_run(chunk, range(0, len(paths), 256), threads)
+    return dict(sorted(bad.items()))
+
+
+def _pool_run(work, starts, threads: int | None) -> None:
+    # Chunks of 256 files, not one task per file: 60,000 futures would cost more than CIFAR's decoding.
+    with ThreadPoolExecutor(max_workers=threads or decode_threads()) as pool:
+        for _ in pool.map(work, starts):
+            pass  # re-raises a worker's unexpected exception here
+
+
+def _skip_bad() -> bool:
+    return os.environ.get(SKIP_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _allow_bad(bad: dict[str, str], folder: Path) -> None:
+    """Raise when some files cannot be read, unless BENCH_SKIP_BAD_IMAGES is set: then say on stderr how
+    many are left out and which, every time the folder is read (runner and each cell's log)."""
+    if not bad:
+        return
+    if not _skip_bad():
+        raise BadImageError(_bad_message(bad, folder))
+    names = ", ".join(f"{p} ({why})" for p, why in list(bad.items())[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    print(f"warning: {folder}: skipped {len(bad)} unreadable image file(s) ({SKIP_ENV}=1): {names}{more}",
+          file=sys.stderr, flush=True)
+
+
+def _bad_message(bad: dict[str, str], folder: Path) -> str:
+    first, why = next(iter(bad.items()))
+    if len(bad) == 1:
+        return (f"{first} cannot be decoded ({why}); replace or delete it, or set {SKIP_ENV}=1 to skip "
+                "unreadable files")
+    return (f"{len(bad)} files in {folder} cannot be decoded, the first {first} ({why}); replace or delete them, "
+            f"or set {SKIP_ENV}=1 to skip unreadable files")
+
+
+def _without(paths: list[str], labels: np.ndarray, bad: dict[str, str]) -> tuple[list[str], np.ndarray]:
+    keep = [i for i, p in enumerate(paths) if p not in bad]
+    return [paths[i] for i in keep], labels[keep]
+
+
+def _streaming(listing: Listing, side: int, manifest: Manifest, manifest_file: Path,
+               folder: Path) -> dict[str, FileList]:
+    """Each split as a file list; every file decoded once first (then never again: the manifest keeps the
+    verdict), so an unreadable file is named now, not by a DataLoader worker in the middle of an epoch."""
+    if not manifest.checked:
+        manifest.bad, manifest.checked = find_bad_images(listing.all_paths(), side), True
+        _save_manifest(manifest_file, manifest)
+    _allow_bad(manifest.bad, folder)
+    return {k: FileList(*_without(p, y, manifest.bad), stored_resolution=side) for k, (p, y) in listing.splits.items()}
+
+
+def _resident(listing: Listing, side: int, manifest: Manifest, manifest_file: Path, cache_root: Path,
+              folder: Path) -> dict[str, ImageArrays]:
+    """Each split as a stored uint8 array: from its cache when decoded before (no image is opened again),
+    else decoded in one pass over every split, bad files recorded in the manifest before anything is kept."""
+    caches = {k: cache_file(p, cache_root, side) for k, (p, _) in listing.splits.items()}
+    if manifest.checked and all(c.is_file() for c in caches.values()):
+        _allow_bad(manifest.bad, folder)
+        return {k: ImageArrays(np.load(caches[k]), _without(p, y, manifest.bad)[1])
+                for k, (p, y) in listing.splits.items()}
+    decoded = {k: decode_images(p, side) for k, (p, _) in listing.splits.items()}
+    manifest.bad = dict(sorted(b for _, bad in decoded.values() for b in bad.items()))
+    manifest.checked = True
+    _save_manifest(manifest_file, manifest)
+    _allow_bad(manifest.bad, folder)
+    arrays = {}
+    for k, (paths, labels) in listing.splits.items():
+        images = decoded[k][0]
+        keep = np.asarray([p not in manifest.bad for p in paths], dtype=bool)
+        images = images if keep.all() else images[keep]
+        _atomic_write(caches[k], lambda tmp, a=images: np.save(tmp, a))
+        arrays[k] = ImageArrays(images, labels[keep])
+    return arrays
