@@ -145,11 +145,17 @@ def validate(suite, overrides):
     """Check SUITE and print its expanded cells; runs nothing."""
     import pandas as pd
 
+    from bench import models as registry
+
     loaded, cells = _load(suite, overrides)
     frame = pd.DataFrame([{"id": c.id, **c.model_dump(exclude={"suite", "dataset"})} for c in cells])
     varying = ["id"] + [c for c in frame.columns if c != "id" and frame[c].astype(str).nunique() > 1]
     shown = varying if len(varying) > 1 else ["id", "model", "resolution", "batch_size", "freeze"]
     click.echo(frame[shown].to_string(index=False))
+    click.echo("input recipes (from each model's weights; random-init cells use their architecture's default):")
+    for model, weights in dict.fromkeys((c.model, c.weights) for c in cells):
+        recipe = registry.input_recipe(model, weights)
+        click.echo(f"  {model}{'.' + weights if weights else ''}: {recipe.describe()}  [{recipe.source}]")
     click.echo(f"suite {loaded.name} ({loaded.source}): {len(cells)} cells, dataset {loaded.dataset}, ok")
 
 

@@ -1,4 +1,4 @@
-"""Freeze policies with one meaning for every architecture, and BatchNorm layers that stay frozen.
+"""Freeze policies with one meaning for every architecture, and frozen layers that stay in eval mode.
 
 A *layer* is a module that owns parameters directly (`parameters(recurse=False)` is not empty), taken in
 `named_modules()` order with the new head(s) left out. A ViT's class token and position embedding therefore
@@ -11,7 +11,6 @@ import functools
 from collections.abc import Sequence
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bench.errors import SuiteError
 from bench.suite import FreezeSpec
@@ -44,7 +43,7 @@ def frozen_count(freeze: FreezeSpec, total: int) -> int:
 
 
 def apply_freeze(model: nn.Module, head_paths: Sequence[str], freeze: FreezeSpec) -> tuple[int, int]:
-    """Freeze the first layers of the backbone, keep the heads trainable, pin frozen BatchNorm in eval mode.
+    """Freeze the first layers of the backbone, keep the heads trainable, pin what is frozen in eval mode.
 
     Returns (frozen_layers, total_layers).
     """
@@ -55,35 +54,64 @@ def apply_freeze(model: nn.Module, head_paths: Sequence[str], freeze: FreezeSpec
             param.requires_grad_(index >= frozen)
     for path in head_paths:
         model.get_submodule(path).requires_grad_(True)
-    pin_frozen_batchnorm(model, head_paths)
+    for module in frozen_modules(model, head_paths):
+        pin_eval(module)
     return frozen, len(layers)
 
 
-def pin_frozen_batchnorm(model: nn.Module, head_paths: Sequence[str]) -> None:
-    """Keep every frozen BatchNorm in eval mode, whatever `model.train()` later says.
+def frozen_modules(model: nn.Module, head_paths: Sequence[str]) -> list[nn.Module]:
+    """Every module that belongs to the frozen backbone, so runs in eval mode while the rest trains.
 
-    A BatchNorm is frozen when its own parameters are; one without affine parameters belongs to the region of the
-    nearest parameterised layer before it.
+    A module with parameters belongs to it when all of them are frozen. A module without parameters (dropout,
+    stochastic depth, an affine-free BatchNorm) follows its block: the nearest enclosing module with
+    parameters, when that is wholly frozen; and when that block is partly trained (VGG's classifier holds
+    frozen layers and the new head), the nearest parameterised layer before it, so the dropouts between VGG's
+    frozen classifier layers rest while the head trains.
     """
-    previous_frozen = False
+    state: dict[str, bool | None] = {}  # path -> all frozen (True), partly or wholly trained (False), no params (None)
+    found, previous_frozen = [], False
     for path, module in model.named_modules():
         if in_head(path, head_paths):
             continue
+        params = list(module.parameters())
         own = list(module.parameters(recurse=False))
         if own:
             previous_frozen = not any(p.requires_grad for p in own)
-        if isinstance(module, _BatchNorm) and previous_frozen:
-            module.train = functools.partial(_stay_in_eval, module)  # instance attribute shadows Module.train
-            module.training = False
+        if params:
+            state[path] = not any(p.requires_grad for p in params)
+            frozen = state[path]
+        else:
+            block = _enclosing_block(path, state)
+            frozen = state[block] if block is not None and state[block] else previous_frozen
+        if frozen:
+            found.append(module)
+    return found
+
+
+def _enclosing_block(path: str, state: dict[str, bool | None]) -> str | None:
+    """The nearest ancestor of `path` that has parameters (named_modules visits ancestors first)."""
+    while path:
+        path = path.rpartition(".")[0]
+        if state.get(path) is not None:
+            return path
+    return None
+
+
+def pin_eval(module: nn.Module) -> None:
+    """Keep a module in eval mode whatever `model.train()` later says."""
+    module.train = functools.partial(_stay_in_eval, module)  # instance attribute shadows Module.train
+    module.training = False
 
 
 def is_pinned(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("train"), functools.partial)
 
 
-def _stay_in_eval(bn: nn.Module, mode: bool = True) -> nn.Module:
-    # The running statistics are part of the pretrained weights: updating them from the new dataset's batches
-    # while gamma and beta stay fixed would shift every feature the frozen layers hand on. A partial of a
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    # Frozen means frozen: BatchNorm's running statistics are part of the pretrained weights (updating them from
+    # the new dataset while gamma and beta stay fixed would shift every feature the frozen layers hand on), and
+    # dropout or stochastic depth inside frozen layers would feed the head noisy features that the cached-feature
+    # probe never sees. Children are pinned on their own, so not recursing loses nothing. A partial of a
     # module-level function (not a lambda) keeps the model picklable and deep-copyable.
-    bn.training = False
-    return bn
+    module.training = False
+    return module

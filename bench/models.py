@@ -34,6 +34,7 @@ from torchvision.models._api import WeightsEnum
 from bench.errors import ResolutionError, UnknownModelError, WeightsUnavailableError, close_matches
 from bench.freeze import apply_freeze
 from bench.heads import drop_aux_heads, find_heads, install_heads
+from bench.recipe import IMAGENET, InputRecipe
 from bench.suite import Cell
 from bench.weights import downloading, is_cached, prepare, timm_cfg, tv_member
 
@@ -61,6 +62,7 @@ class Backbone:
     frozen_layers: int
     total_layers: int  # parameterised layers of the backbone (heads excluded)
     weights: str | None  # weights actually loaded; None when pretrained is false
+    recipe: InputRecipe = IMAGENET  # mean, std, interpolation of the architecture's weights (loaded or not)
 
 
 # --- registry -----------------------------------------------------------------------------------------------------
@@ -343,6 +345,42 @@ def flops_per_image(name: str, resolution: int, num_classes: int = 10, *, weight
     return _flops(name, _arch_weights(name, weights), resolution, num_classes)
 
 
+# --- input recipe ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _recipe(name: str, weights: str | None) -> InputRecipe:
+    source, arch = _split(name)
+    if source == "tv":
+        member = tv_member(arch, weights)
+        preset = member.transforms()  # ImageClassification: crop_size, resize_size, mean, std, interpolation
+        crop, resize = getattr(preset, "crop_size", None), getattr(preset, "resize_size", None)
+        return InputRecipe(
+            mean=tuple(float(v) for v in preset.mean), std=tuple(float(v) for v in preset.std),
+            interpolation=preset.interpolation.value,
+            crop_pct=round(crop[0] / resize[0], 4) if crop and resize else None,
+            source=f"torchvision {type(member).__name__}.{member.name}.transforms()",
+        )
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(_skeleton(name, weights))
+    interpolation = config.get("interpolation", "bilinear")
+    return InputRecipe(
+        mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
+        # timm's "random" (train-time choice between bilinear and bicubic) has no single meaning here
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+        crop_pct=float(config["crop_pct"]) if config.get("crop_pct") else None,
+        source=f"timm resolve_model_data_config({arch}{'.' + weights if weights else ''})",
+    )
+
+
+def input_recipe(name: str, weights: str | None = None) -> InputRecipe:
+    """The input recipe of the weights the architecture is built with (the default weights when none are named),
+    whether or not they are loaded: a random-init baseline sees its pretrained twin's inputs."""
+    name = _canonical(name)
+    return _recipe(name, _arch_weights(name, weights))
+
+
 # --- weights -----------------------------------------------------------------------------------------------------
 
 
@@ -388,4 +426,5 @@ def build(cell: Cell, num_classes: int) -> Backbone:
         frozen_layers=frozen,
         total_layers=total,
         weights=arch_weights if cell.pretrained else None,
+        recipe=_recipe(name, arch_weights),
     )

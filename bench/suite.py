@@ -149,7 +149,10 @@ def load_suite(path: str | Path) -> Suite:
     if not path.is_file():
         raise SuiteError(f"{path}: no such suite file; pass the path of a YAML suite such as suites/smoke.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"{path}: not a UTF-8 YAML file (byte {exc.start} cannot be decoded); pass a suite file "
+                         "such as suites/smoke.yaml, or save this one as UTF-8 text") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""

@@ -240,7 +240,8 @@ def run_cell(cell: Cell, splits, backbone, device: torch.device, num_classes: in
 
     def loader(split, train: bool, augment: str):
         return make_loader(split, batch_size=cell.batch_size, resolution=cell.resolution, device=device,
-                           augment=augment, train=train, channels_last=cell.channels_last, seed=cell.seed)
+                           augment=augment, train=train, channels_last=cell.channels_last, seed=cell.seed,
+                           recipe=backbone.recipe)
 
     # The cached probe reads every training image once, in order (its FeatureLoader shuffles as the
     # training loader would), so only one copy of the training images goes to the device.

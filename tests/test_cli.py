@@ -82,12 +82,14 @@ def test_report_survives_a_corrupt_file_and_names_it(smoke, tmp_path):
         ("name: t\ndataset: synthetic\ngrid: {}\n", "no cells"),
         ("name: t\ndataset: synthetic\ngrid: {model: [inception_v3], resolution: [32]}\n", "inception_v3"),
         ("name: t\ndataset: cifar11\ngrid: {model: [resnet18]}\n", "cifar10"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a UTF-8 YAML file"),  # a binary file by mistake
+        ("name: t\ndataset: synthetic\ngrid: {model: [r\xe9snet18]}\n".encode("latin-1"), "not a UTF-8 YAML file"),
     ],
 )
 @pytest.mark.parametrize("command", ["validate", "run"])
 def test_malformed_suites_fail_with_one_line_and_exit_2(tmp_path, text, expected, command):
     suite = tmp_path / "bad.yaml"
-    suite.write_text(text)
+    suite.write_bytes(text if isinstance(text, bytes) else text.encode())
     extra = ["--results", str(tmp_path / "r")] if command == "run" else []
     out = bench(command, str(suite), *extra, cwd=tmp_path)
     assert out.returncode == 2, out.stdout + out.stderr

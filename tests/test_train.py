@@ -138,6 +138,52 @@ def test_feature_cache_matches_end_to_end_linear_probe():
     assert cached.epochs[-1]["train_loss"] == pytest.approx(direct.epochs[-1]["train_loss"], rel=1e-3)
 
 
+def _as_if_trained(model: torch.nn.Module) -> None:
+    # ConvNeXt starts its residual branches at 1e-6 (layer scale), so at random init stochastic depth changes
+    # nothing measurable; trained weights have branches that matter, as here.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layer_scale"):
+                param.fill_(1.0)
+
+
+@pytest.mark.parametrize("model", ["tv:convnext_tiny", "tv:vgg11"])
+def test_frozen_dropout_and_stochastic_depth_rest_so_both_probes_agree(model):
+    """Frozen means frozen: stochastic depth and dropout inside a frozen backbone (ConvNeXt's blocks, VGG's
+    classifier block) run in eval mode, so a linear probe trained end to end sees the same features as one
+    trained on cached features, and both learn the same head."""
+    common = dict(model=model, freeze="all", augment="none", epochs=2, val_fraction=0.0, **SMALL)
+    heads, rows = [], []
+    for cache in ("auto", "off"):
+        cell = Cell(feature_cache=cache, **common)
+        splits = data.load_splits(cell.dataset, val_fraction=0.0, train_subset=cell.train_subset,
+                                  test_subset=cell.test_subset)
+        torch.manual_seed(cell.seed)
+        backbone = models.build(cell, len(splits.classes))
+        _as_if_trained(backbone.model)
+        rows.append(train.run_cell(cell, splits, backbone, CPU, len(splits.classes), lambda e: None).row)
+        heads.append(backbone.head.state_dict())
+        resting = [m for m in backbone.model.modules() if type(m).__name__ in ("Dropout", "StochasticDepth")]
+        assert resting and not any(m.training for m in resting)
+    cached, direct = rows
+    assert cached["feature_cache_used"] is True and direct["feature_cache_used"] is False
+    assert cached["top1"] == direct["top1"]
+    for name, weight in heads[0].items():
+        assert torch.allclose(weight, heads[1][name], atol=1e-4, rtol=1e-3), name
+
+
+def test_frozen_blocks_stay_in_eval_across_train_and_partial_freezes_keep_training():
+    bb = models.build(Cell(model="tv:convnext_tiny", freeze=0.5, **SMALL), 10)
+    bb.model.train()
+    depth = {n: m.training for n, m in bb.model.named_modules() if type(m).__name__ == "StochasticDepth"}
+    frozen_stage, trained_stage = "features.1.0.stochastic_depth", "features.7.2.stochastic_depth"
+    assert depth[frozen_stage] is False and depth[trained_stage] is True
+    bb.model.eval()
+    bb.model.train()  # evaluation and back, as every epoch does
+    assert bb.model.get_submodule(frozen_stage).training is False
+    assert bb.model.get_submodule("features.0").training is False and bb.head.training is True
+
+
 def test_throughput_mode_times_steps_without_evaluating():
     cell = Cell(model="tv:resnet18", mode="throughput", throughput_warmup_steps=2, throughput_steps=3, **SMALL)
     _, outcome = run(cell)
