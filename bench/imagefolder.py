@@ -273,19 +273,22 @@ def _allow_bad(bad: dict[str, str], folder: Path) -> None:
         return
     if not _skip_bad():
         raise BadImageError(_bad_message(bad, folder))
-    names = ", ".join(f"{p} ({why})" for p, why in list(bad.items())[:3])
-    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-    print(f"warning: {folder}: skipped {len(bad)} unreadable image file(s) ({SKIP_ENV}=1): {names}{more}",
+    print(f"warning: {folder}: skipped {len(bad)} unreadable image file(s) ({SKIP_ENV}=1): {_first_few(bad)}",
           file=sys.stderr, flush=True)
 
 
 def _bad_message(bad: dict[str, str], folder: Path) -> str:
-    first, why = next(iter(bad.items()))
     if len(bad) == 1:
-        return (f"{first} cannot be decoded ({why}); replace or delete it, or set {SKIP_ENV}=1 to skip "
+        return (f"{_first_few(bad)} cannot be decoded; replace or delete it, or set {SKIP_ENV}=1 to skip "
                 "unreadable files")
-    return (f"{len(bad)} files in {folder} cannot be decoded, the first {first} ({why}); replace or delete them, "
+    return (f"{len(bad)} files in {folder} cannot be decoded: {_first_few(bad)}; replace or delete them, "
             f"or set {SKIP_ENV}=1 to skip unreadable files")
+
+
+def _first_few(bad: dict[str, str], few: int = 3) -> str:
+    """'a.jpg (why), b.jpg (why) and 4 more': enough to find the files, short enough for one line."""
+    named = ", ".join(f"{p} ({why})" for p, why in list(bad.items())[:few])
+    return named + (f" and {len(bad) - few} more" if len(bad) > few else "")
 
 
 def _without(paths: list[str], labels: np.ndarray, bad: dict[str, str]) -> tuple[list[str], np.ndarray]:

@@ -182,6 +182,16 @@ def test_an_unreadable_file_is_named_in_one_error(tmp_path, monkeypatch, streami
         _load(root, tmp_path / "cache", side=24)
 
 
+def test_several_unreadable_files_are_counted_and_named_in_one_line(tmp_path):
+    root = _folder(tmp_path / "ds", [(40, 30), (30, 40)])
+    truncated, text = _add_bad_files(root)
+    with pytest.raises(BadImageError) as caught:
+        _load(root, tmp_path / "cache", side=24)
+    message = str(caught.value)
+    assert message.startswith("2 files in") and str(truncated) in message and str(text) in message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_skipping_bad_files_leaves_them_out_and_says_how_many(tmp_path, monkeypatch, capsys, streaming):
     root = _folder(tmp_path / "ds", [(40, 30), (30, 40)])
