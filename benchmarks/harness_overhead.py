@@ -4,6 +4,7 @@ bare loop over one batch already on the device, same model, precision, memory fo
 
     python benchmarks/harness_overhead.py            # CPU: small models at 32 px; GPU: adds 224 px
     python benchmarks/harness_overhead.py --quick
+    python benchmarks/harness_overhead.py --config tv:resnet50:224:128 --repeats 3 --json rows.json
 
 Each configuration alternates harness and bare measurements, pairs them, and reports the median of
 the per-pair ratios: a noisy neighbour on a shared machine hurts both sides of a pair alike, and one
@@ -13,8 +14,10 @@ unusually fast or slow repeat cannot move a median. The last line is machine-rea
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench's CPU workers run (bench/runner.py)
 
@@ -25,7 +28,10 @@ from bench.suite import Cell  # noqa: E402
 from benchmarks.common import table  # noqa: E402
 
 
-def configs(device: torch.device, quick: bool) -> list[dict]:
+def configs(device: torch.device, quick: bool, chosen: list[str] | None = None) -> list[dict]:
+    if chosen:  # MODEL:RESOLUTION:BATCH; the model name has a colon of its own (tv:resnet50)
+        parts = [c.rsplit(":", 2) for c in chosen]
+        return [dict(model=m, resolution=int(r), batch_size=int(b)) for m, r, b in parts]
     if device.type == "cuda":
         grid = [("tv:resnet50", 224, 128), ("tv:resnet18", 64, 256), ("tv:mobilenet_v3_large", 224, 128),
                 ("tv:efficientnet_b0", 128, 256), ("tv:resnet18", 32, 512)]
@@ -82,12 +88,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two configurations, one repeat")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved harness/bare pairs per config")
+    parser.add_argument("--config", action="append", metavar="MODEL:RES:BATCH",
+                        help="measure this configuration instead of the default grid (repeatable), e.g. tv:resnet18:32:512")
+    parser.add_argument("--warmup", type=int, help="warm-up steps per measurement (default 10 on a GPU, 3 on the CPU)")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default 50 on a GPU, 25 on the CPU)")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     warmup, steps = (10, 50) if device.type == "cuda" else (3, 25)
+    warmup, steps = args.warmup if args.warmup is not None else warmup, args.steps or steps
     repeats = 1 if args.quick else args.repeats
     rows = []
-    for cfg in configs(device, args.quick):
+    for cfg in configs(device, args.quick, args.config):
         cell = Cell(dataset="synthetic", pretrained=False, mode="throughput", throughput_warmup_steps=warmup,
                     throughput_steps=steps, train_subset=cfg["batch_size"] * (warmup + steps), **cfg)
         splits = data.load_splits("synthetic", train_subset=cell.train_subset, test_subset=64)
@@ -107,6 +119,9 @@ def main() -> None:
                            "ratio_range"]))
     print("\nratio: median over the pairs; ratio_range: the smallest and largest pair")
     print(f"\nharness/bare min ratio: {min(r['ratio'] for r in rows):.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "warmup_steps": warmup,
+                                         "timed_steps": steps, "repeats": repeats, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

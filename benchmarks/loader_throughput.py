@@ -2,7 +2,7 @@
 (random crop with 4 px padding, flip, transforms.Resize to the target resolution, normalisation),
 in images per second, at 32 and 224 px, measured in one run.
 
-    python benchmarks/loader_throughput.py [--images N] [--workers W]
+    python benchmarks/loader_throughput.py [--images N] [--workers W] [--json FILE]
 
 Both produce normalised float batches on the device; the baseline decodes from the same uint8
 array (no JPEG decoding on either side), so the ratio is the pipeline's, not the disk's.
@@ -11,7 +11,9 @@ array (no JPEG decoding on either side), so the ratio is the pipeline's, not the
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     folder = cifar_folder()
@@ -87,6 +90,9 @@ def main() -> None:
     print(f"\nloader throughput on {where}, {source}, batch {args.batch_size}, "
           f"baseline DataLoader with {args.workers} workers\n")
     print(table(rows, ["resolution", "device_loader_img_s", "dataloader_img_s", "ratio"]))
+    if args.json:
+        args.json.write_text(json.dumps({"device": where, "source": source, "batch_size": args.batch_size,
+                                         "workers": args.workers, "images": len(splits.train), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
