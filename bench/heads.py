@@ -52,12 +52,18 @@ def new_head(old: nn.Module, num_classes: int, cell: Cell | None) -> nn.Module:
         kind = type(old).__name__
         raise UnknownModelError(f"cannot replace a classifier of type {kind}; bench replaces Linear and Conv2d heads")
     dropout = [nn.Dropout(cell.head_dropout)] if cell is not None and cell.head_dropout > 0 else []
+    # A probe on frozen features normalises them first with a parameter-free BatchNorm (MAE's linear-probe
+    # protocol): the head then trains at one learning rate whatever the scale of a backbone's features, which
+    # for a random-init network can be hundreds of times ImageNet's.
+    is_probe = cell is not None and cell.freeze == "all" and cell.probe_norm == "batchnorm"
+    probe = [norm(width, affine=False, eps=1e-6)] if is_probe else []
     if cell is None or cell.head == "linear":
-        return nn.Sequential(*dropout, layer(width, num_classes, True)) if dropout else layer(width, num_classes, True)
+        layers = [*probe, *dropout, layer(width, num_classes, True)]
+        return nn.Sequential(*layers) if len(layers) > 1 else layers[0]
     hidden = cell.head_hidden
     bn = [norm(hidden)] if cell.head_bn else []
     relu = nn.ReLU(inplace=True)
-    return nn.Sequential(layer(width, hidden, True), *bn, relu, *dropout, layer(hidden, num_classes, False))
+    return nn.Sequential(*probe, layer(width, hidden, True), *bn, relu, *dropout, layer(hidden, num_classes, False))
 
 
 def install_heads(model: nn.Module, paths: tuple[str, ...], num_classes: int, cell: Cell | None) -> tuple[str, ...]:

@@ -58,6 +58,11 @@ class DeviceLoader(EpochBatches):
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
 
+    @property
+    def device_bytes(self) -> int:
+        """What the resident images and labels occupy on the device."""
+        return self.images.nbytes + self.labels.nbytes
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx, gen in self.index_batches():
             yield self.transform(self.images[idx], gen), self.labels[idx]

@@ -37,9 +37,10 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "epochs": _i64, "steps": _i64, "optimizer": _str, "lr": _f64, "momentum": _f64,
     "weight_decay": _f64, "schedule": _str, "warmup_fraction": _f64, "label_smoothing": _f64,
     "precision": _str, "channels_last": _bool, "compile": _bool, "pretrained": _bool, "weights": _str,
-    "head": _str, "head_hidden": _i64, "head_dropout": _f64, "head_bn": _bool, "augment": _str,
-    "val_fraction": _f64, "train_subset": _i64, "test_subset": _i64, "seed": _i64,
-    "target_top1": _f64, "mode": _str, "throughput_warmup_steps": _i64, "throughput_steps": _i64,
+    "head": _str, "head_hidden": _i64, "head_dropout": _f64, "head_bn": _bool, "probe_norm": _str,
+    "augment": _str, "val_fraction": _f64, "train_subset": _i64, "test_subset": _i64, "seed": _i64,
+    "target_top1": _f64, "restore_best": _bool, "mode": _str, "throughput_warmup_steps": _i64,
+    "throughput_steps": _i64,
     "feature_cache": _str, "cell_timeout_s": _f64, "cell_json": _str,
     # data and model as built
     "num_classes": _i64, "train_images": _i64, "val_images": _i64, "test_images": _i64,
@@ -49,7 +50,7 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     # accuracy
     "top1": _f64, "top5": _f64, "val_top1_best": _f64, "val_top1_final": _f64,
     "train_loss_final": _f64, "val_loss_final": _f64, "epochs_run": _i64, "steps_run": _i64,
-    "target_reached": _bool, "time_to_target_s": _f64,
+    "target_reached": _bool, "time_to_target_s": _f64, "test_epoch": _i64,
     "class_names": pa.list_(_str), "per_class_top1": pa.list_(_f64),
     "per_class_precision": pa.list_(_f64), "per_class_recall": pa.list_(_f64),
     "confusion_matrix": pa.list_(pa.list_(_i64)),
@@ -58,11 +59,13 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "warmup_s": _f64, "warmup_steps": _i64, "images_per_s": _f64, "feature_extract_s": _f64,
     # memory
     "peak_vram_allocated_bytes": _i64, "peak_vram_reserved_bytes": _i64, "peak_vram_nvml_bytes": _i64,
-    "peak_host_rss_bytes": _i64, "peak_host_maxrss_bytes": _i64,
+    "peak_host_rss_bytes": _i64, "peak_host_maxrss_bytes": _i64, "data_device_bytes": _i64,
+    "peak_vram_train_bytes": _i64,
     # provenance
     "device": _str, "gpu_name": _str, "gpu_count": _i64, "driver_version": _str, "cuda_version": _str,
     "cudnn_version": _str, "torch_version": _str, "torchvision_version": _str, "timm_version": _str,
-    "python_version": _str, "cpu_model": _str, "hostname": _str, "bench_version": _str,
+    "python_version": _str, "torch_threads": _i64, "cudnn_benchmark": _bool, "cpu_model": _str, "hostname": _str,
+    "bench_version": _str,
     "git_commit": _str, "started_at": pa.timestamp("us", tz="UTC"), "finished_at": pa.timestamp("us", tz="UTC"),
 }
 CELL_SCHEMA = pa.schema(list(CELL_COLUMNS.items()))

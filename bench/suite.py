@@ -24,7 +24,7 @@ FreezeSpec = Union[Literal["none", "all"], int, float]
 # Fields that say how to run a cell, not what the cell is: they stay out of its id.
 RUNNER_FIELDS = frozenset({"cell_timeout_s"})
 # Part of every cell id: bump it when a field's default changes meaning, so old results are not resumed as new.
-ID_VERSION = 1
+ID_VERSION = 2  # 2: restore_best and probe_norm came in with defaults that change what a cell does
 
 
 class Cell(BaseModel):
@@ -57,12 +57,14 @@ class Cell(BaseModel):
     head_hidden: int = Field(512, ge=1)
     head_dropout: float = Field(0.0, ge=0, lt=1)
     head_bn: bool = False
+    probe_norm: Literal["batchnorm", "none"] = "batchnorm"
     augment: Literal["standard", "none", "strong"] = "standard"
     val_fraction: float = Field(0.1, ge=0, lt=1)
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
     seed: int = 0
     target_top1: float | None = Field(None, gt=0, le=1)
+    restore_best: bool = True
     mode: Literal["train", "throughput"] = "train"
     throughput_warmup_steps: int = Field(10, ge=0)
     throughput_steps: int = Field(50, ge=1)

@@ -101,7 +101,9 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
         peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **measure.vram_peaks(device),
         **measure.environment(device),
     )
-    row.update(outcome.row)
+    row.update(outcome.row, torch_threads=torch.get_num_threads(), cudnn_benchmark=torch.backends.cudnn.benchmark)
+    if row.get("peak_vram_allocated_bytes") is not None:  # training's own peak: the resident data set aside
+        row["peak_vram_train_bytes"] = max(0, row["peak_vram_allocated_bytes"] - row["data_device_bytes"])
     if cell.compile:
         row["compile_s"] = row.get("warmup_s")
     return row, outcome.epochs

@@ -3,6 +3,7 @@ freezing, early stop, feature caching, throughput mode."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -245,3 +246,72 @@ def test_a_cell_on_the_gpu_records_vram_and_bf16():
     outcome = train.run_cell(cell, splits, models.build(cell, 10), cuda, 10, lambda e: None)
     assert outcome.row["precision"] == "bf16" and outcome.row["top1"] is not None
     assert measure.vram_peaks(cuda)["peak_vram_allocated_bytes"] > 0
+
+
+def test_test_pass_uses_the_best_validation_epochs_weights(monkeypatch):
+    """restore_best (the default): val_top1_best and top1 describe the same weights. Validation is scripted to
+    peak at epoch 0, so the test pass must see epoch 0's head, not the last epoch's."""
+    fit_module = importlib.import_module("bench.train.fit")  # the package re-exports the function `fit`
+    real = fit_module.evaluate
+    for restore, expected_epoch in ((True, 0), (False, 2)):
+        cell = Cell(model="tv:resnet18", epochs=3, restore_best=restore, **SMALL)
+        scripted, snapshots, at_test = iter([0.9, 0.5, 0.4]), [], []
+        splits = data.load_splits(cell.dataset, train_subset=cell.train_subset, test_subset=cell.test_subset)
+        torch.manual_seed(0)
+        backbone = models.build(cell, 10)
+
+        def fake_evaluate(forward, loader, num_classes, precision, device):
+            result = real(forward, loader, num_classes, precision, device)
+            top1 = next(scripted, None)  # three validation passes, then the test pass
+            if top1 is None:
+                at_test.append(backbone.model.fc.weight.detach().clone())
+            else:
+                result["top1"] = top1
+            return result
+
+        def on_event(event):
+            if event["kind"] == "epoch":
+                snapshots.append(backbone.model.fc.weight.detach().clone())
+
+        monkeypatch.setattr(fit_module, "evaluate", fake_evaluate)
+        outcome = train.run_cell(cell, splits, backbone, CPU, 10, on_event)
+        assert outcome.row["test_epoch"] == expected_epoch and outcome.row["val_top1_best"] == 0.9
+        assert torch.equal(at_test[0], snapshots[expected_epoch])
+        assert not torch.equal(snapshots[0], snapshots[2])
+
+
+def test_probe_features_are_normalised_so_their_scale_does_not_matter():
+    """MAE's linear-probe protocol: a parameter-free BatchNorm before the head. Features 1000x larger (as a
+    random-init backbone's can be) train the same probe; without the norm they do not."""
+    def losses(probe_norm: str, scale: float) -> list[float]:
+        cell = Cell(model="tv:resnet18", freeze="all", augment="none", epochs=2, probe_norm=probe_norm, **SMALL)
+        splits = data.load_splits(cell.dataset, train_subset=cell.train_subset, test_subset=cell.test_subset)
+        torch.manual_seed(0)
+        backbone = models.build(cell, 10)
+        backbone.model.avgpool.register_forward_hook(lambda m, i, out: out * scale)
+        outcome = train.run_cell(cell, splits, backbone, CPU, 10, lambda e: None)
+        return [e["train_loss"] for e in outcome.epochs]
+
+    head = models.build(Cell(model="tv:resnet18", freeze="all", **SMALL), 10).head
+    assert isinstance(head[0], torch.nn.BatchNorm1d) and not head[0].affine
+    assert losses("batchnorm", 1000.0) == pytest.approx(losses("batchnorm", 1.0), rel=0.05)  # eps: not exact
+    unnormalised = losses("none", 1000.0)
+    assert unnormalised[-1] > 10 * losses("none", 1.0)[-1]
+
+
+def test_cached_probe_timing_columns_add_up():
+    cell = Cell(model="tv:resnet18", freeze="all", augment="none", epochs=2, **SMALL)
+    _, outcome = run(cell)
+    row = outcome.row
+    assert row["feature_cache_used"] is True and row["images_per_s"] is None
+    head_s = sum(e["epoch_s"] for e in outcome.epochs)
+    assert row["train_s"] == pytest.approx(row["feature_extract_s"] + head_s)  # the train-split pass is training
+    assert row["eval_s"] > 0  # the validation and test passes are evaluation
+
+
+def test_resident_data_bytes_are_recorded():
+    cell = Cell(model="tv:resnet18", steps=2, **SMALL)
+    _, outcome = run(cell)
+    splits = data.load_splits(cell.dataset, train_subset=cell.train_subset, test_subset=cell.test_subset)
+    expected = sum(s.images.nbytes + s.labels.nbytes for s in (splits.train, splits.val, splits.test))
+    assert outcome.row["data_device_bytes"] == expected

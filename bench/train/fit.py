@@ -6,7 +6,12 @@ of the warm-up window), so the loop runs at the model's pace.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
 
 from bench.train.context import CellRun, Loaders, Outcome
 from bench.train.metrics import class_metrics, evaluate
@@ -24,12 +29,42 @@ class _Timing:
     images: int = 0
 
 
+class BestWeights:
+    """The weights of the best validation epoch, kept on disk in a temporary folder so they cost neither VRAM
+    nor host RAM (which the cell's memory columns would otherwise count), restored before the test pass.
+
+    Only what training can change is kept: trainable parameters and the buffers beside them (BatchNorm's
+    running statistics); a frozen backbone's weights never move.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module, self.epoch = module, None
+        self._folder = tempfile.TemporaryDirectory(prefix="bench-best-")
+        self._file = Path(self._folder.name) / "best.pt"
+
+    def _changing(self) -> dict[str, torch.Tensor]:
+        trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        buffers = {n for n, _ in self.module.named_buffers()}
+        return {k: v for k, v in self.module.state_dict().items() if k in trainable or k in buffers}
+
+    def keep(self, epoch: int) -> None:
+        torch.save({k: v.detach().cpu() for k, v in self._changing().items()}, self._file)
+        self.epoch = epoch
+
+    def restore(self) -> None:
+        self.module.load_state_dict(torch.load(self._file, map_location="cpu", weights_only=True), strict=False)
+
+    def close(self) -> None:
+        self._folder.cleanup()
+
+
 def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
     """Train for the cell's epochs (or steps, or until `target_top1`), then evaluate on the test set once."""
     cell, plan, clock = run.cell, run.plan, run.clock
     run.progress({"kind": "start", "total_steps": plan.total_steps})
     t, step, epochs, best, reached_s = _Timing(), 0, [], None, None
     warm = min(WARMUP_STEPS, plan.total_steps)
+    keeper = BestWeights(stepper.module) if cell.restore_best and loaders.val is not None else None
     for epoch in range(cell.epochs):
         stepper.module.train()
         stepper.reset()
@@ -55,7 +90,11 @@ def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
             v = evaluate(forward, loaders.val, run.num_classes, plan.precision, run.device)
             t.eval_s += clock.lap()
             record.update(val_loss=v["loss"], val_top1=v["top1"])
-            best = v["top1"] if best is None else max(best, v["top1"])
+            if best is None or v["top1"] > best:
+                best = v["top1"]
+                if keeper is not None:
+                    keeper.keep(epoch)
+                    t.eval_s += clock.lap()  # keeping the best weights is part of the validation bookkeeping
         epochs.append(record)
         run.progress({"kind": "epoch", **record})
         if cell.target_top1 is not None and record.get("val_top1", 0) >= cell.target_top1:
@@ -64,9 +103,17 @@ def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
         if step >= plan.total_steps:
             break
     clock.lap()
+    best_epoch = len(epochs) - 1
+    if keeper is not None:
+        if keeper.epoch is not None and keeper.epoch != best_epoch:
+            keeper.restore()  # test once, on the weights validation chose: val_top1_best and top1 describe them
+        best_epoch = keeper.epoch if keeper.epoch is not None else best_epoch
+        keeper.close()
     final = evaluate(forward, loaders.test, run.num_classes, plan.precision, run.device)
     t.eval_s += clock.lap()
-    return Outcome(_row(run, t, step, epochs, best, reached_s, final), epochs)
+    row = _row(run, t, step, epochs, best, reached_s, final)
+    row.update(test_epoch=best_epoch if epochs else None)
+    return Outcome(row, epochs)
 
 
 def _row(run: CellRun, t: _Timing, step: int, epochs: list[dict], best, reached_s, final: dict) -> dict:
