@@ -53,7 +53,7 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "target_reached": _bool, "time_to_target_s": _f64, "test_epoch": _i64,
     "class_names": pa.list_(_str), "per_class_top1": pa.list_(_f64),
     "per_class_precision": pa.list_(_f64), "per_class_recall": pa.list_(_f64),
-    "confusion_matrix": pa.list_(pa.list_(_i64)),
+    "confusion_matrix": pa.list_(pa.list_(_i64)), "test_correct": _str,
     # time
     "wall_s": _f64, "setup_s": _f64, "compile_s": _f64, "train_s": _f64, "eval_s": _f64,
     "warmup_s": _f64, "warmup_steps": _i64, "images_per_s": _f64, "feature_extract_s": _f64,

@@ -315,3 +315,14 @@ def test_resident_data_bytes_are_recorded():
     splits = data.load_splits(cell.dataset, train_subset=cell.train_subset, test_subset=cell.test_subset)
     expected = sum(s.images.nbytes + s.labels.nbytes for s in (splits.train, splits.val, splits.test))
     assert outcome.row["data_device_bytes"] == expected
+
+
+def test_which_test_images_were_right_is_recorded_bit_packed():
+    from bench.train.metrics import unpack_correct
+
+    cell = Cell(model="tv:resnet18", steps=3, **SMALL)
+    _, outcome = run(cell)
+    row = outcome.row
+    right = unpack_correct(row["test_correct"], row_count := sum(sum(r) for r in row["confusion_matrix"]))
+    assert len(right) == row_count == 48 and right.mean() == pytest.approx(row["top1"])
+    assert len(row["test_correct"]) <= 4 * (48 // 8 + 3) // 3 + 4  # base64 of the packed bits, not a list

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bench.train.context import CellRun, Loaders, Outcome
-from bench.train.metrics import class_metrics, evaluate
+from bench.train.metrics import class_metrics, evaluate, pack_correct
 from bench.train.step import Stepper
 
 WARMUP_STEPS = 5  # steps timed apart from the steady state (cuDNN autotuning, allocator growth, compile)
@@ -131,5 +131,5 @@ def _row(run: CellRun, t: _Timing, step: int, epochs: list[dict], best, reached_
         target_reached=None if run.cell.target_top1 is None else reached_s is not None,
         time_to_target_s=reached_s, feature_cache_used=False,
     )
-    row.update(class_metrics(final["confusion"]))
+    row.update(class_metrics(final["confusion"]), test_correct=pack_correct(final["correct"]))
     return row
