@@ -41,7 +41,7 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "augment": _str, "val_fraction": _f64, "train_subset": _i64, "test_subset": _i64, "seed": _i64,
     "target_top1": _f64, "restore_best": _bool, "mode": _str, "throughput_warmup_steps": _i64,
     "throughput_steps": _i64,
-    "feature_cache": _str, "cell_timeout_s": _f64, "cell_json": _str,
+    "feature_cache": _str, "infer_bench": _str, "infer_budget_s": _f64, "cell_timeout_s": _f64, "cell_json": _str,
     # data and model as built
     "num_classes": _i64, "train_images": _i64, "val_images": _i64, "test_images": _i64,
     "loader": _str, "stored_resolution": _i64, "input_mean": pa.list_(_f64), "input_std": pa.list_(_f64),
@@ -61,6 +61,9 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "peak_vram_allocated_bytes": _i64, "peak_vram_reserved_bytes": _i64, "peak_vram_nvml_bytes": _i64,
     "peak_host_rss_bytes": _i64, "peak_host_maxrss_bytes": _i64, "data_device_bytes": _i64,
     "peak_vram_train_bytes": _i64,
+    # inference cost of the trained model
+    "infer_images_per_s": _f64, "infer_latency_ms_p50": _f64, "infer_latency_ms_p95": _f64,
+    "infer_latency_samples": _i64, "infer_peak_vram_bytes": _i64, "infer_s": _f64, "model_bytes": _i64,
     # provenance
     "device": _str, "gpu_name": _str, "gpu_count": _i64, "driver_version": _str, "cuda_version": _str,
     "cudnn_version": _str, "torch_version": _str, "torchvision_version": _str, "timm_version": _str,

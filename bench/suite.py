@@ -69,9 +69,11 @@ class Cell(BaseModel):
     throughput_warmup_steps: int = Field(10, ge=0)
     throughput_steps: int = Field(50, ge=1)
     feature_cache: Literal["auto", "off"] = "auto"
+    infer_bench: Literal["auto", "off"] = "auto"
+    infer_budget_s: float = Field(4.0, gt=0)
     cell_timeout_s: float | None = Field(None, gt=0)
 
-    @field_validator("feature_cache", mode="before")
+    @field_validator("feature_cache", "infer_bench", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 (PyYAML) reads a bare `off` as false

@@ -66,6 +66,7 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
     import torch
 
     from bench import data, measure, models, train
+    from bench.train.infer import inference_cost
 
     device = torch.device(spec["device"])
     if device.type == "cuda":
@@ -87,6 +88,9 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
         _inject_fault(cell)
         outcome = train.run_cell(cell, splits, backbone, device, num_classes,
                                  lambda ev: emit({**ev, "cell_id": cell.id}))
+        peaks = measure.vram_peaks(device)  # training's; the inference measurement resets them
+        if cell.infer_bench == "auto":
+            outcome.row.update(_inference(inference_cost, backbone.model, cell, outcome.row["precision"], device))
     finally:
         if sampler:
             sampler.__exit__(None, None, None)
@@ -98,7 +102,7 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
         frozen_layers=backbone.frozen_layers, total_layers=backbone.total_layers, weights=backbone.weights,
         **backbone.recipe.row(),
         flops_per_image=flops, setup_s=outcome.ready_at - STARTED, peak_vram_nvml_bytes=sampler.peak if sampler else None,
-        peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **measure.vram_peaks(device),
+        peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **peaks,
         **measure.environment(device),
     )
     row.update(outcome.row, torch_threads=torch.get_num_threads(), cudnn_benchmark=torch.backends.cudnn.benchmark)
@@ -107,6 +111,18 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
     if cell.compile:
         row["compile_s"] = row.get("warmup_s")
     return row, outcome.epochs
+
+
+def _inference(measure_cost, model, cell: Cell, precision: str, device) -> dict:
+    """The inference columns are measured after training: if they fail, the trained cell keeps its row and the
+    log says why the columns are empty."""
+    import torch
+
+    try:
+        return measure_cost(model, cell, precision, device)
+    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        print(f"inference cost not measured: {exc.__class__.__name__}: {message(exc)}", file=sys.stderr)
+        return {}
 
 
 def _stored_side(splits) -> int | None:
