@@ -1,0 +1,163 @@
+"""benchmarks/gpu_check.py (issue 16): its --cpu rehearsal runs end to end here, so the GPU script cannot rot
+before the next GPU window; its parts (wheels, data, budgets, timeouts, the summary) are checked apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("BENCH_ASSETS", ROOT.parent / "shared" / "assets"))
+WHEELS = Path(os.environ.get("BENCH_WHEELS", ROOT.parent / "shared" / "gpu-wheels"))
+HAVE_IMAGES = (ASSETS / gpu_check.TARBALL).is_file()
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    """One `python -m benchmarks.gpu_check --cpu` run (about 100 s on 2 cores), shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("gpu-check")
+    env = {**os.environ, "BENCH_ASSETS": str(ASSETS), "BENCH_WHEELS": str(WHEELS), "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("OUT", None)
+    argv = [sys.executable, "-m", "benchmarks.gpu_check", "--cpu", "--out", str(tmp / "out"), "--data", str(tmp / "data")]
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    print(f"rehearsal took {time.monotonic() - started:.0f} s\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    out = tmp / "out"
+    return proc, out, json.loads((out / "summary.json").read_text())
+
+
+def test_every_step_ends_ok_or_visibly_skipped(rehearsal):
+    proc, out, summary = rehearsal
+    markdown = (out / "summary.md").read_text()
+    statuses = {key: step["status"] for key, step in summary["steps"].items()}
+    assert list(statuses) == [s.key for s in gpu_check.STEPS]
+    expected = {s.key: "ok" for s in gpu_check.STEPS}
+    if not HAVE_IMAGES:
+        expected["real"] = "skipped"
+    assert statuses == expected, {k: summary["steps"][k]["note"] for k in statuses}
+    for step in gpu_check.STEPS:  # every step is in the table, and its figures under its own heading
+        assert step.title.split(":")[0] in markdown
+        assert f"## {step.title}" in markdown or statuses[step.key] == "skipped"
+    assert summary["running"] is None and proc.returncode == 0, proc.stderr[-2000:]
+    assert "CPU rehearsal" in markdown and "| goal | target | measured | met |" in markdown
+
+
+def test_the_oom_cell_is_an_oom_row_and_the_next_cell_runs(rehearsal):
+    from bench.store import ResultStore
+
+    _, out, summary = rehearsal
+    assert summary["steps"]["oom"]["figures"]["statuses"] == ["oom", "ok"]
+    cells = ResultStore(out / "results").read().cells
+    oom = cells[cells["suite"] == "gpu_check_oom"].sort_values("started_at")
+    assert list(oom["status"]) == ["oom", "ok"] and list(oom["model"]) == ["tv:resnet152", "tv:resnet18"]
+    assert "host RAM" in oom["error"].iloc[0]  # on the CPU the runner's --max-host-mem limit made it, and says so
+    assert "--max-host-mem" in summary["steps"]["oom"]["note"]
+
+
+def test_raw_results_lie_beside_the_summary(rehearsal):
+    _, out, summary = rehearsal
+    assert list((out / "results" / "gpu_check_throughput_bs2" / "cells").glob("*.parquet"))
+    for name in ("harness_overhead", "loader_throughput"):
+        rows = json.loads((out / "raw" / f"{name}.json").read_text())["rows"]
+        assert rows and all(r.get("ratio", 0) > 0 for r in rows), name
+    assert {p.name for p in (out / "suites").glob("*.yaml")} >= {"gpu_check_throughput_bs2.yaml", "gpu_check_oom.yaml"}
+    logs = {p.name for p in (out / "logs").glob("*.log")}
+    assert {"pytest-pytest.log", "env-torch-and-bench-env.log", "oom-oom.log"} <= logs
+    throughput = summary["steps"]["throughput"]["figures"]["rows"]
+    assert [r["model"] for r in throughput] == ["tv:resnet50"] and throughput[0]["images_per_s"] > 0
+    assert throughput[0]["timm_3090_amp_img_s"].startswith("1218") and throughput[0]["x_a100_2470"] > 0
+
+
+@pytest.mark.skipif(not HAVE_IMAGES, reason=f"real CIFAR-10 images not found at {ASSETS}")
+def test_real_data_gives_the_sanity_run_host_ram_and_vram_figures(rehearsal):
+    _, out, summary = rehearsal
+    rows = summary["steps"]["real"]["figures"]["rows"]
+    assert [(r["model"], r["resolution"]) for r in rows] == [("tv:resnet18", 32), ("tv:resnet50", 224),
+                                                             ("tv:resnet50", 32)]
+    assert all(r["status"] == "ok" and r["host_rss_GiB"] > 0 for r in rows)
+    goals = {g["goal"]: g for g in summary["steps"]["real"]["goals"]}
+    assert any(name.startswith("peak host RAM, 224 px / 32 px") for name in goals)
+    assert goals["VRAM allocated <= reserved <= NVML, every cell"]["met"] == "n/a"  # no VRAM on the CPU
+    assert (out.parent / "data" / "cifar10-jpg-60x20" / "test").is_dir()  # a subset, unpacked under --data
+
+
+def test_the_payload_for_a_gpu_machine_stays_under_64_mib():
+    tarball = ASSETS / gpu_check.TARBALL
+    payload = gpu_check.payload_bytes(tarball if tarball.is_file() else None, WHEELS)
+    print({k: v for k, v in payload.items()})
+    assert payload["checkout_bytes"] and payload["checkout_bytes"] < 8 * 2**20
+    assert payload["under_limit"] and payload["total_bytes"] < 64 * 2**20
+
+
+def test_the_gpu_plan_fits_eight_minutes_and_names_its_references():
+    assert sum(gpu_check.GPU.budgets_s.values()) <= gpu_check.GPU.total_s == 480
+    assert set(gpu_check.GPU.budgets_s) == set(gpu_check.CPU.budgets_s) == {s.key for s in gpu_check.STEPS}
+    assert {f"tv:{m}" for m in gpu_check.GPU.throughput_models} == set(gpu_check.TIMM_RTX3090_AMP)
+    assert gpu_check.GPU.throughput["batch_size"] == 256 and gpu_check.NVIDIA_A100_RESNET50_AMP == 2470
+
+
+def test_the_real_data_step_skips_visibly_without_the_images(monkeypatch, tmp_path):
+    monkeypatch.setenv("BENCH_ASSETS", str(tmp_path))
+    assert gpu_check.find_tarball() is None
+    outcome = gpu_check.step_real(context(tmp_path))
+    assert outcome.status == "skipped" and gpu_check.TARBALL in outcome.note
+
+
+def test_a_subset_of_the_images_is_unpacked_once(tmp_path):
+    if not HAVE_IMAGES:
+        pytest.skip(f"real CIFAR-10 images not found at {ASSETS}")
+    folder = gpu_check.unpack_cifar(ASSETS / gpu_check.TARBALL, tmp_path / "jpg", (3, 2))
+    assert sorted(p.name for p in (folder / "train" / "cat").iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]
+    assert len(list((folder / "test").glob("*/*.jpg"))) == 20
+    assert gpu_check.unpack_cifar(tmp_path / "absent.tar.gz", folder, (3, 2)) == folder  # there already: no reread
+
+
+def test_wheels_install_offline_and_a_missing_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="BENCH_WHEELS"):
+        gpu_check.install_wheels(tmp_path / "none", tmp_path / "site", sys.executable)
+    pure = sorted(WHEELS.glob("annotated_types-*.whl"))  # pure Python: installs on any Python 3
+    if not pure:
+        pytest.skip(f"the GPU wheels are not at {WHEELS}")
+    (tmp_path / "wheels").mkdir()
+    shutil.copy(pure[0], tmp_path / "wheels")
+    said = gpu_check.install_wheels(tmp_path / "wheels", tmp_path / "site", sys.executable)
+    assert "installed 1 wheels" in said and (tmp_path / "site" / "annotated_types" / "__init__.py").is_file()
+
+
+def test_a_command_past_the_step_budget_is_killed_and_a_broken_step_is_recorded(tmp_path):
+    ctx = context(tmp_path)
+    ctx.step, ctx.step_deadline = "demo", time.monotonic() + 3
+    started = time.monotonic()
+    proc = ctx.run("sleep", [sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"])
+    assert proc.timed_out and proc.rc is None and "started" in proc.text and time.monotonic() - started < 10
+
+    def broken(_ctx):
+        raise RuntimeError("no such thing")
+
+    step = gpu_check.Step("harness", "4. Harness", broken, needs_bench=False)
+    outcome = gpu_check.run_step(ctx, step)
+    assert outcome.status == "failed" and "RuntimeError: no such thing" in outcome.note
+
+
+def test_the_summary_is_written_before_each_step_so_a_killed_run_leaves_it(tmp_path):
+    ctx = context(tmp_path)
+    done = {"setup": gpu_check.Outcome("ok", "fine", "- figures", seconds=1.0)}
+    gpu_check.write_summary(ctx, done, running="env")
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "| 1. Environment | running |" in markdown and "| 7. Out of memory, then the next cell | not run |" in markdown
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["running"] == "env"
+
+
+def context(tmp_path: Path) -> gpu_check.Context:
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return gpu_check.Context(out=tmp_path / "out", data=tmp_path / "data", sizes=gpu_check.CPU, argv=["test"],
+                             env=gpu_check.child_env(gpu_check.CPU), deadline=time.monotonic() + 60)
