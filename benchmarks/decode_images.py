@@ -1,0 +1,96 @@
+"""Decoding an image folder into its stored array: one thread against the thread pool bench uses, in images
+per second, on the 60,000 real CIFAR-10 JPEGs (32 x 32, stored at their own 32 px) and on a generated folder
+of larger non-square JPEGs (640 x 480 and 480 x 640, stored at 224 px: short-side resize + centre crop).
+
+    python -m benchmarks.decode_images [--repeats N] [--large-images N]
+
+Runs are interleaved (1 thread, pool, 1 thread, ...) and each figure is the median, so a neighbour's load on
+a shared machine falls on both sides alike. The files are read once before timing: the page cache is warm
+for every run, so the figures are decoding, not the disk. `cores_used` is the process's CPU time over the
+wall time: near the thread count when the pool runs in parallel, near 1 when the GIL (or a busy machine)
+serialises it; the load average before the runs is printed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import imagefolder
+from benchmarks.common import cifar_folder, table
+
+
+def generated_folder(root: Path, count: int) -> list[str]:
+    """`count` JPEGs, half landscape 640 x 480 and half portrait 480 x 640: smooth colour gradients with a
+    little noise, so they compress like photographs rather than like static."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        w, h = (640, 480) if i % 2 == 0 else (480, 640)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = rng.uniform(0, 255, 3) * (0.5 + 0.5 * np.sin(xx / rng.uniform(20, 80) + yy / rng.uniform(20, 80)))[..., None]
+        pixels = np.clip(base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+        path = root / f"{i:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def timed(paths: list[str], side: int, threads: int) -> tuple[float, float]:
+    """Wall seconds and process CPU seconds (every thread's) of one decode."""
+    started, cpu = time.perf_counter(), time.process_time()
+    _, bad = imagefolder.decode_images(paths, side, threads=threads)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    assert not bad, f"unreadable files in the benchmark's folder: {list(bad)[:3]}"
+    return elapsed, cpu
+
+
+def measure(name: str, paths: list[str], side: int, repeats: int) -> list[dict]:
+    for p in paths:  # warm the page cache: every timed run then reads from memory
+        Path(p).read_bytes()
+    pool = imagefolder.decode_threads()
+    runs: dict[int, list[tuple[float, float]]] = {1: [], pool: []}
+    for _ in range(repeats):
+        for threads in runs:
+            runs[threads].append(timed(paths, side, threads))
+    rows = []
+    for threads, timings in runs.items():
+        median = statistics.median(wall for wall, _ in timings)
+        cores = statistics.median(cpu / wall for wall, cpu in timings)
+        rows.append({"images": name, "count": len(paths), "stored_side": side, "threads": threads,
+                     "seconds": median, "images_per_s": len(paths) / median, "cores_used": cores})
+    rows[-1]["speedup"] = rows[0]["seconds"] / rows[-1]["seconds"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--large-images", type=int, default=300)
+    args = parser.parse_args()
+    load = os.getloadavg()
+    rows = []
+    cifar = cifar_folder()
+    if cifar is None:
+        print("real CIFAR-10 images not found (../shared/assets/cifar10-jpg.tar.gz): that row is skipped")
+    else:
+        rows += measure("CIFAR-10 JPEG 32x32", imagefolder.list_folder(cifar).all_paths(), 32, args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = generated_folder(Path(tmp), args.large_images)
+        rows += measure("JPEG 640x480 / 480x640", paths, 224, args.repeats)
+    print(table(rows, ["images", "count", "stored_side", "threads", "seconds", "images_per_s", "cores_used",
+                       "speedup"]))
+    print(f"\n{imagefolder.decode_threads()} threads in the pool; median of {args.repeats} interleaved runs each; "
+          f"load average before: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min), after: {os.getloadavg()[0]:.2f}.")
+
+
+if __name__ == "__main__":
+    main()
