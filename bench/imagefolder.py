@@ -89,6 +89,9 @@ def _decode(path: str, side: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
+        if img.mode.startswith("I;16"):
+            # PIL clips 16-bit greyscale to 0-255 on conversion (nearly every pixel white): keep the top 8 bits.
+            img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8), "L")
         # As torchvision's ImageFolder loader: greyscale and palette expand to RGB, alpha is dropped
         # (transparent pixels keep the colour stored under them). This decodes, so a truncated file fails here.
         rgb = img.convert("RGB")

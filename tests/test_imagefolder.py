@@ -86,6 +86,12 @@ def test_greyscale_palette_and_rgba_files_become_rgb(tmp_path):
     assert (imagefolder.stored_image(str(rgba), 8) == (10, 20, 30)).all()
 
 
+def test_sixteen_bit_greyscale_keeps_its_range(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 8), 0x8000, dtype=np.uint16)).save(path)  # mid-grey in 16 bits
+    assert Image.open(path).mode == "I;16" and (imagefolder.stored_image(str(path), 8) == 128).all()
+
+
 # ------------------------------------------------------------------ the stored side
 
 
