@@ -105,6 +105,24 @@ def test_the_gpu_plan_fits_eight_minutes_and_names_its_references():
     assert gpu_check.GPU.throughput["batch_size"] == 256 and gpu_check.NVIDIA_A100_RESNET50_AMP == 2470
 
 
+# (an id of "gpu" would read as the gpu marker and skip the test without CUDA)
+@pytest.mark.parametrize("sizes", [gpu_check.GPU, gpu_check.CPU], ids=["gpu_sizes", "cpu_sizes"])
+def test_the_suites_each_mode_runs_pass_bench_validation(sizes, tmp_path):
+    from bench.suite import parse_suite
+    from bench.validate import resolve_cells
+
+    raw = [gpu_check.throughput_suite(sizes, list(sizes.throughput_models), sizes.throughput["batch_size"]),
+           gpu_check.real_suite(sizes, tmp_path), gpu_check.oom_suite(sizes)]
+    throughput, real, oom = (resolve_cells(parse_suite(r, source=r["name"])) for r in raw)
+    assert [c.model for c in oom] == ["tv:resnet152", "tv:resnet18"] and oom[0].precision == "fp32"
+    assert [(c.model, c.resolution) for c in real] == [("tv:resnet18", 32), ("tv:resnet50", 224), ("tv:resnet50", 32)]
+    if sizes is gpu_check.GPU:  # what the issue asks for, as the GPU run will ask bench for it
+        assert {c.model for c in throughput} == set(gpu_check.TIMM_RTX3090_AMP)
+        assert {(c.resolution, c.batch_size, c.precision, c.channels_last, c.throughput_steps) for c in throughput} == {
+            (224, 256, "bf16", True, 100)}
+        assert oom[0].batch_size == 1024 and real[0].epochs == 15 and not any(c.pretrained for c in real + oom)
+
+
 def test_the_real_data_step_skips_visibly_without_the_images(monkeypatch, tmp_path):
     monkeypatch.setenv("BENCH_ASSETS", str(tmp_path))
     assert gpu_check.find_tarball() is None
