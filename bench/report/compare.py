@@ -1,59 +1,119 @@
-"""Comparing the shown rows with an earlier run of the same suite, cell by cell, and flagging regressions."""
+"""Comparing the shown rows with an earlier run of the same suite, config by config, and flagging regressions.
+
+A config's seeds are folded into a mean before and after. A change is a regression only when the drop exceeds
+both the threshold and NOISE_K standard errors of the difference of the means (the seeds' pooled spread):
+a drop the seeds' own noise could explain is not one. With one seed on each side nothing measures that noise,
+so the threshold alone applies and the report says so. Images/s follow the same rule, relative to the mean
+before. A seed that was ok and is not any more is always flagged.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
-from bench.report.tables import config_label
+from bench.report.stats import NOISE_K, pooled_se
+from bench.report.tables import GROUP, KEY_CONFIG, config_label
 
 # Exact ties with the threshold (0.90 -> 0.89 at 0.01) must not flip on float rounding.
 _EPS = 1e-9
-_COLUMNS = ["suite", "cell_id", "model", "label", "seed", "run_before", "run_after", "status_before", "status_after",
-            "top1_before", "top1_after", "top1_delta", "ips_before", "ips_after", "ips_rel", "regression"]
+_COLUMNS = ["suite", "group_id", "model", "label", "seeds", "run_before", "run_after", "status",
+            "top1_before", "top1_before_std", "top1_after", "top1_after_std", "top1_delta", "top1_allowed",
+            "ips_before", "ips_after", "ips_rel", "ips_allowed", "threshold_only", "regression", "cell_ids"]
+_USED = ["cell_id", "run_id", "run_id_before", "status", "status_before", "top1", "top1_before", "images_per_s",
+         "images_per_s_before"]
 
 
 def compare_runs(current: pd.DataFrame, baseline: pd.DataFrame, extra: list[str], *,
                  top1_drop: float, speed_drop: float) -> pd.DataFrame:
-    """One row per cell present in both: top1 change (absolute), images/s change (relative), and why it regressed."""
+    """One row per config with cells in both runs: mean top1 change (absolute), mean images/s change
+    (relative), the drop each would have to exceed, and why it regressed ("" when it did not)."""
     if current.empty or baseline.empty:
         return pd.DataFrame(columns=_COLUMNS)
     before = baseline[["suite", "cell_id", "run_id", "status", "top1", "images_per_s"]]
     both = current.merge(before, on=["suite", "cell_id"], suffixes=("", "_before"))
-    out = pd.DataFrame({
-        "suite": both["suite"], "cell_id": both["cell_id"], "model": both["model"],
-        "label": [config_label(r, extra) for _, r in both.iterrows()], "seed": both["seed"],
-        "run_before": both["run_id_before"], "run_after": both["run_id"],
-        "status_before": both["status_before"], "status_after": both["status"],
-        "top1_before": both["top1_before"], "top1_after": both["top1"],
-        "ips_before": both["images_per_s_before"], "ips_after": both["images_per_s"],
-    })
-    out["top1_delta"] = out["top1_after"] - out["top1_before"]
-    out["ips_rel"] = out["ips_after"] / out["ips_before"] - 1
-    out["regression"] = [_why(r, top1_drop, speed_drop) for _, r in out.iterrows()]
+    if both.empty:
+        return pd.DataFrame(columns=_COLUMNS)
+    # Only the columns a config's line needs: the full rows have a hundred columns.
+    rows = both[list(dict.fromkeys(GROUP + KEY_CONFIG + extra + _USED))]
+    ok_before, ok_after = rows["status_before"] == "ok", rows["status"] == "ok"
+    rows = rows.assign(lost=ok_before & ~ok_after,
+                       t_b=rows["top1_before"].where(ok_before), t_a=rows["top1"].where(ok_after),
+                       i_b=rows["images_per_s_before"].where(ok_before), i_a=rows["images_per_s"].where(ok_after))
+    by = rows.groupby(GROUP, sort=False)
+    out = by.head(1).set_index(GROUP)[["model"]].assign(
+        label=[config_label(r, extra) for _, r in by.head(1).iterrows()], seeds=by.size(),
+        run_before=by["run_id_before"].agg(_joined), run_after=by["run_id"].agg(_joined),
+        status=by["status_before"].agg(_statuses) + " → " + by["status"].agg(_statuses),
+        cell_ids=by["cell_id"].agg(_joined),
+    )
+    top1 = _change(by, "t_b", "t_a", top1_drop, relative=False)
+    ips = _change(by, "i_b", "i_a", speed_drop, relative=True)
+    out = out.assign(top1_before=top1["before"], top1_before_std=top1["before_std"], top1_after=top1["after"],
+                     top1_after_std=top1["after_std"], top1_delta=top1["delta"], top1_allowed=top1["allowed"],
+                     ips_before=ips["before"], ips_after=ips["after"], ips_rel=ips["delta"], ips_allowed=ips["allowed"])
+    # "Threshold only" when every metric that was measured had one seed on each side.
+    measured = np.column_stack([top1["delta"].notna(), ips["delta"].notna()])
+    alone = np.column_stack([top1["threshold_only"], ips["threshold_only"]])
+    out["threshold_only"] = measured.any(axis=1) & (alone | ~measured).all(axis=1)
+    lost = rows[rows["lost"]].groupby(GROUP)["status"].agg(["size", _joined])
+    out["regression"] = [_reasons(key, out.at[key, "seeds"], lost, top1, ips) for key in out.index]
+    out = out.reset_index()
     # Regressions first, then the biggest accuracy losses.
     out = out.sort_values(["regression", "top1_delta"], ascending=[False, True], na_position="last", kind="stable")
     return out[_COLUMNS].reset_index(drop=True)
 
 
-def _why(row: pd.Series, top1_drop: float, speed_drop: float) -> str:
+def _change(by, before: str, after: str, threshold: float, *, relative: bool) -> pd.DataFrame:
+    """Per config: means before and after, the change, and the drop it must exceed: max(threshold, NOISE_K x SE)."""
+    stats = by.agg(before=(before, "mean"), after=(after, "mean"), before_std=(before, "std"),
+                   after_std=(after, "std"), n_b=(before, "count"), n_a=(after, "count"))
+    scale = stats["before"].where(stats["before"] != 0) if relative else 1.0
+    se = pd.Series(pooled_se(stats["n_b"], stats["before_std"] ** 2, stats["n_a"], stats["after_std"] ** 2),
+                   index=stats.index)
+    noise = NOISE_K * se / scale
+    delta = (stats["after"] - stats["before"]) / scale
+    stats["delta"] = delta
+    stats["threshold_only"] = noise.isna()
+    stats["allowed"] = noise.clip(lower=threshold).fillna(threshold)
+    stats["flag"] = delta.notna() & (-delta > stats["allowed"] + _EPS)
+    return stats
+
+
+def _reasons(key: tuple, seeds: int, lost: pd.DataFrame, top1: pd.DataFrame, ips: pd.DataFrame) -> str:
     reasons = []
-    if row["status_before"] == "ok" and row["status_after"] != "ok":
-        reasons.append(f"now {row['status_after']} (was ok)")
-    if pd.notna(row["top1_delta"]) and -row["top1_delta"] > top1_drop + _EPS:
-        reasons.append(f"top1 {100 * row['top1_delta']:+.2f} pts")
-    if pd.notna(row["ips_rel"]) and -row["ips_rel"] > speed_drop + _EPS:
-        reasons.append(f"images/s {100 * row['ips_rel']:+.1f}%")
+    if key in lost.index:
+        reasons.append(f"{lost.at[key, 'size']} of {seeds} seeds now {lost.at[key, '_joined']} (was ok)")
+    if top1.at[key, "flag"]:
+        reasons.append(f"top1 {100 * top1.at[key, 'delta']:+.2f} pts (allowed drop {_allowed(top1.loc[key], ' pts', 2)})")
+    if ips.at[key, "flag"]:
+        reasons.append(f"images/s {100 * ips.at[key, 'delta']:+.1f}% (allowed drop {_allowed(ips.loc[key], '%', 1)})")
     return "; ".join(reasons)
 
 
+def _allowed(change: pd.Series, unit: str, digits: int) -> str:
+    text = f"{100 * change['allowed']:.{digits}f}{unit}"
+    return f"{text}: one seed, threshold only" if change["threshold_only"] else text
+
+
+def _joined(values: pd.Series) -> str:
+    return ", ".join(sorted(set(values.astype(str))))
+
+
+def _statuses(values: pd.Series) -> str:
+    counts = values.astype(str).value_counts()
+    return ", ".join(s if n == len(values) else f"{n} {s}" for s, n in counts.items())
+
+
 def regression_lines(comparison: pd.DataFrame) -> list[str]:
-    """One human line per flagged cell, for the top of the report and the CLI."""
+    """One human line per flagged config, for the top of the report and the CLI."""
     lines = []
     for _, r in comparison[comparison["regression"] != ""].iterrows():
         before = "n/a" if pd.isna(r["top1_before"]) else f"{100 * r['top1_before']:.2f}%"
         after = "n/a" if pd.isna(r["top1_after"]) else f"{100 * r['top1_after']:.2f}%"
+        seeds = f"{r['seeds']} seed{'s' if r['seeds'] != 1 else ''}"
         lines.append(
-            f"{r['suite']}: {r['label']} seed {r['seed']} (cell {r['cell_id']}): {r['regression']} "
-            f"[top1 {before} -> {after}; run {r['run_before']} -> {r['run_after']}]"
+            f"{r['suite']}: {r['label']} (config {r['group_id']}, {seeds}): {r['regression']} "
+            f"[mean top1 {before} -> {after}; run {r['run_before']} -> {r['run_after']}]"
         )
     return lines

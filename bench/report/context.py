@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 import seaborn as sns
 
-from bench.report import tables
+from bench.report import stats, tables
 from bench.report.compare import compare_runs
 from bench.report.select import Selection
 
@@ -17,13 +17,18 @@ class ReportData:
     current: pd.DataFrame  # every shown cell (one row each), whatever its status or mode
     trained: pd.DataFrame  # status ok, mode train: the cells with an accuracy
     failed: pd.DataFrame  # status != ok
-    groups: pd.DataFrame  # leaderboard: one row per config, seeds folded
+    configs: pd.DataFrame  # every config, seeds folded (a sweep's values each a row), ordered by validation
+    # The leaderboard: one row per backbone config at the tuned values validation chose (`tables.fold_sweeps`),
+    # ranked by validation, with test accuracy, time, memory and the McNemar mark against #1 (`stats.versus_best`).
+    # The chosen-config table other sections (and recommendations) build on.
+    leaderboard: pd.DataFrame
     speed: pd.DataFrame  # throughput-mode configs
     epochs: pd.DataFrame  # per-epoch rows of the shown cells
-    comparison: pd.DataFrame  # per-cell change against `baseline_runs`
+    comparison: pd.DataFrame  # per-config change against `baseline_runs`, seeds folded
     baseline_runs: dict[str, str]
     config: list[str]  # config columns shown in tables
     extra: list[str]  # varying config columns beyond the key axes (they name a config in plots)
+    tuned: list[str]  # the TUNED columns that vary: folded in the leaderboard, shown as the chosen values
     palette: dict[str, tuple[float, float, float]]  # model -> colour, the same in every plot
     top1_drop: float
     speed_drop: float
@@ -43,16 +48,20 @@ def make_context(selection: Selection, *, top1_drop: float, speed_drop: float) -
     trained, speed_rows = current[ok & ~throughput], current[ok & throughput]
     config = tables.config_columns(current)
     extra = [c for c in config if c not in tables.KEY_CONFIG and c != "suite"]
-    groups = tables.leaderboard(trained, config)
-    groups["label"] = [tables.config_label(r, extra) for _, r in groups.iterrows()]
+    configs = tables.config_table(trained, config)
+    configs["label"] = [tables.config_label(r, extra) for _, r in configs.iterrows()]
+    configs["backbone_label"] = [tables.config_label(r, [c for c in extra if c not in tables.TUNED])
+                                 for _, r in configs.iterrows()]
     # A config whose seeds partly failed shows it next to n, so a mean over fewer seeds is not mistaken for all.
     failed = current[~ok].groupby(tables.GROUP).size().rename("n_failed")
-    groups = groups.join(failed, on=tables.GROUP).fillna({"n_failed": 0})
+    configs = configs.join(failed, on=tables.GROUP).fillna({"n_failed": 0})
+    leaderboard = stats.versus_best(tables.fold_sweeps(configs, config), trained)
     return ReportData(
-        current=current, trained=trained, failed=current[~ok], groups=groups,
+        current=current, trained=trained, failed=current[~ok], configs=configs, leaderboard=leaderboard,
         speed=tables.speed_table(speed_rows, config), epochs=selection.epochs,
         comparison=compare_runs(current, selection.baseline, extra, top1_drop=top1_drop, speed_drop=speed_drop),
         baseline_runs=selection.baseline_runs, config=config, extra=extra,
+        tuned=[c for c in config if c in tables.TUNED],
         palette=model_palette(list(current["model"].dropna().astype(str))),
         top1_drop=top1_drop, speed_drop=speed_drop,
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from bench.report import fmt, tables
+from bench.report import fmt, stats, tables
 from bench.report.context import ReportData
 from bench.report.plots import make_plots
 
@@ -26,25 +26,48 @@ class Section:
         return self
 
 
+VAL = "val top-1 % (selects)"
+TEST = "test top-1 % (reported)"
+
+
+def _accuracy() -> list[fmt.Column]:
+    """Validation (what chooses) and test (what is reported), side by side, mean ± std over seeds."""
+    return [(VAL, lambda r: fmt.pct(r["val_mean"], r["val_std"]), True),
+            (TEST, lambda r: fmt.pct(r["top1_mean"], r["top1_std"]), True)]
+
+
+def _n(r: pd.Series) -> str:
+    return fmt.text(r["n"]) + (f" (+{int(r['n_failed'])} failed)" if r.get("n_failed", 0) else "")
+
+
 def _metrics(prefix: list[fmt.Column]) -> list[fmt.Column]:
-    return prefix + [
-        ("top1 % (mean ± std)", lambda r: fmt.pct(r["top1_mean"], r["top1_std"]), True),
-        ("n", lambda r: fmt.text(r["n"]) + (f" (+{int(r['n_failed'])} failed)" if r.get("n_failed", 0) else ""), True),
-        ("top5 %", lambda r: fmt.pct(r["top5_mean"]), True),
+    return prefix + _accuracy() + [
+        ("n", _n, True),
+        ("vs #1 (McNemar)", lambda r: r["vs_best"], False),
+        ("p (Holm)", lambda r: _p(r["p_holm"]), True),
+        ("test top-5 %", lambda r: fmt.pct(r["top5_mean"]), True),
         ("train time", lambda r: fmt.seconds(r["train_s_mean"]), True),
         ("images/s", lambda r: fmt.rate(r["images_per_s_mean"]), True),
         ("peak VRAM", lambda r: fmt.nbytes(r["peak_vram_allocated_bytes"]), True),
+        ("VRAM for training", lambda r: fmt.nbytes(r["peak_vram_train_bytes"]), True),
         ("peak host RAM", lambda r: fmt.nbytes(r["peak_host_rss_bytes"]), True),
         ("trainable params", lambda r: fmt.count(r["trainable_params"]), True),
         ("total params", lambda r: fmt.count(r["total_params"]), True),
         ("GFLOPs/image", lambda r: fmt.gflops(r["flops_per_image"]), True),
         ("config id", lambda r: fmt.text(r["group_id"]), False),
+        ("cell ids", lambda r: fmt.text(r["cell_ids"]), False),
     ]
+
+
+def _p(value: object) -> str:
+    if pd.isna(value):
+        return fmt.DASH
+    return "< 0.001" if float(value) < 0.001 else f"{float(value):.3f}"
 
 
 def _drop_empty(table: fmt.Table) -> fmt.Table:
     """Metric columns nobody recorded (VRAM on a CPU run) are dropped, and the note says which."""
-    keep = [i for i, c in enumerate(table.columns) if any(row[i] != fmt.DASH for row in table.rows)]
+    keep = [i for i, c in enumerate(table.columns) if any(row[i] not in (fmt.DASH, "") for row in table.rows)]
     gone = [c for i, c in enumerate(table.columns) if i not in keep]
     note = " ".join(filter(None, [table.note, f"Not recorded: {', '.join(gone)}." if gone and table.rows else ""]))
     rows = [[row[i] for i in keep] for row in table.rows]
@@ -52,27 +75,105 @@ def _drop_empty(table: fmt.Table) -> fmt.Table:
                      table.details, table.css)
 
 
+def tuned_text(row: pd.Series, tuned: list[str]) -> str:
+    """The tuned values a row stands for, and how many were tried: 'lr 0.01 (best of 3)'."""
+    values = ", ".join(f"{c} {fmt.text(row[c])}" for c in tuned)
+    return f"{values} (best of {int(row['tried'])})" if row["tried"] > 1 else values
+
+
+SELECTION_NOTE = (
+    "One row per config, seeds folded into mean ± std (n seeds). Chosen on validation, reported on test: the "
+    "order is the validation top-1 (mean over seeds of the best validation epoch, the weights the test score was "
+    "measured on; ties go to the shorter train time); test top-1 is shown beside it and never decides anything. "
+    "Times are means over seeds, memory the largest peak of any seed."
+)
+
+
+def _sweep_note(data: ReportData) -> str:
+    if not data.tuned:
+        return ""
+    return (f"Tuned hyperparameters ({', '.join(data.tuned)}) are folded: each row is its backbone config at the "
+            "values with the best validation mean, 'tuned' shows them and how many were tried, and the "
+            "'Hyperparameter sweeps' section lists every value.")
+
+
+def _mcnemar_note(board: pd.DataFrame) -> str:
+    if not (board["vs_best"] != "").any():
+        return ("vs #1: no pair of configs recorded which test images they got right on the same test set "
+                "(rows from before bench recorded test_correct), so no difference is tested.")
+    return (f"vs #1: McNemar's test of each config against #1 on the same test images (pooled over the seeds "
+            f"both ran; exact binomial up to {stats.EXACT_MAX} discordant images, chi-squared with continuity "
+            f"correction above), two-sided, Holm-corrected over the configs compared, α = {stats.ALPHA}. "
+            "≈ best: not significantly different from #1, so the ranking between them is noise; worse / better: "
+            "significantly so on test. Green rows are #1 and those ≈ best; a dash: no paired data (a different "
+            "test set, or rows without test_correct).")
+
+
+def _unranked_note(board: pd.DataFrame) -> str:
+    unranked = int(board["rank"].isna().sum())
+    if not unranked:
+        return ""
+    return (f"{unranked} config(s) without validation accuracy (val_fraction 0, or no validation recorded) "
+            "cannot be chosen on validation: they follow the ranked ones unranked (#: –, greyed), in config order, "
+            "with their test top-1 for reference only; a sweep among them is not folded.")
+
+
+def _row_class(r: pd.Series) -> str:
+    if pd.isna(r["rank"]):
+        return "unranked"
+    return "near" if r["vs_best"] in ("best", "≈ best") else ""
+
+
 def leaderboard(data: ReportData) -> Section:
-    section = Section("leaderboard", "Leaderboard")
-    if data.groups.empty:
+    section = Section("leaderboard", "Leaderboard (chosen on validation, reported on test)")
+    board = data.leaderboard
+    if board.empty:
         return section.add("note", "No cell finished training successfully, so there is nothing to rank yet.")
-    ranked = data.groups.assign(rank=range(1, len(data.groups) + 1))
-    columns = _metrics([("#", lambda r: str(r["rank"]), True)] + fmt.config_columns(data.config))
-    note = ("One row per config; seeds folded into mean ± std (n seeds), sorted by test top-1. "
-            "Times are means over seeds, memory the largest peak of any seed.")
-    section.add("table", _drop_empty(fmt.table("", ranked, columns, note)))
+    config = [c for c in data.config if c not in data.tuned]
+    tuned = [("tuned (chosen by val)", lambda r: tuned_text(r, data.tuned), False)] if data.tuned else []
+    rank = [("#", lambda r: fmt.DASH if pd.isna(r["rank"]) else str(r["rank"]), True)]
+    columns = _metrics(rank + fmt.config_columns(config) + tuned)
+    note = " ".join(filter(None, [SELECTION_NOTE, _sweep_note(data)]))
+    section.add("table", _drop_empty(fmt.table("", board, columns, note, css=_row_class)))
+    for legend in filter(None, [_mcnemar_note(board), _unranked_note(board)]):  # read below the table
+        section.add("note", legend)
     return section.add("table", _pareto(data))
 
 
 def _pareto(data: ReportData) -> fmt.Table:
     columns = [
         ("#", lambda r: str(r["front_no"]), True), ("config", lambda r: fmt.text(r["label"]), False),
-        ("top1 %", lambda r: fmt.pct(r["top1_mean"], r["top1_std"]), True),
-        ("train time", lambda r: fmt.seconds(r["train_s_mean"]), True), ("config id", lambda r: fmt.text(r["group_id"]), False),
+        *_accuracy(), ("train time", lambda r: fmt.seconds(r["train_s_mean"]), True),
+        ("config id", lambda r: fmt.text(r["group_id"]), False),
     ]
-    note = ("Configs no other config beats on both accuracy and train time (the numbered points in the "
-            "accuracy vs train time plot), fastest first.")
-    return fmt.table("Pareto front: accuracy vs train time", tables.pareto_rows(data.groups), columns, note)
+    left_out = int(data.leaderboard["val_mean"].isna().sum())
+    note = ("Leaderboard configs no other beats on both validation accuracy and train time (the numbered points "
+            "in the accuracy vs train time plot), fastest first; the front is drawn on validation, test is reported."
+            + (f" {left_out} config(s) without validation accuracy are not on it." if left_out else ""))
+    return fmt.table("Pareto front: validation accuracy vs train time", tables.pareto_rows(data.leaderboard), columns, note)
+
+
+def sweep(data: ReportData) -> Section:
+    section = Section("sweep", "Hyperparameter sweeps")
+    folded = data.leaderboard[data.leaderboard["tried"] > 1]
+    if folded.empty:
+        names = ", ".join(tables.TUNED)
+        return section.add("note", f"No tuned hyperparameter ({names}) takes more than one value within a config "
+                                   "with validation accuracy; nothing was folded.")
+    chosen = set(folded["group_id"])
+    ids = [g for candidates in folded["candidates"] for g in candidates]  # leaderboard order, best value first
+    rows = data.configs.set_index("group_id", drop=False).loc[ids].reset_index(drop=True)
+    columns = [
+        ("config", lambda r: fmt.text(r["backbone_label"]), False),
+        *[(c, (lambda r, c=c: fmt.text(r[c])), True) for c in data.tuned],
+        ("chosen", lambda r: "✓" if r["group_id"] in chosen else "", False), *_accuracy(), ("n", _n, True),
+        ("train time", lambda r: fmt.seconds(r["train_s_mean"]), True),
+        ("config id", lambda r: fmt.text(r["group_id"]), False),
+    ]
+    note = (f"Every value tried for the {len(folded)} leaderboard row(s) that fold a sweep, best validation first; "
+            "✓ marks the one validation chose, whose test top-1 the leaderboard reports.")
+    return section.add("table", fmt.table("", rows, columns, note, details=len(rows) > 25,
+                                          css=lambda r: "near" if r["group_id"] in chosen else ""))
 
 
 def failed(data: ReportData) -> Section:
@@ -117,48 +218,72 @@ def comparison(data: ReportData) -> Section:
     against = ", ".join(f"{s}: run {r}" for s, r in data.baseline_runs.items())
     if data.comparison.empty:
         return section.add("note", f"Compared with {against}: no cell has rows in both.")
-    flagged = int((data.comparison["regression"] != "").sum())
+    table = data.comparison
+    flagged = int((table["regression"] != "").sum())
     columns = [
-        ("config", lambda r: fmt.text(r["label"]), False), ("seed", lambda r: fmt.text(r["seed"]), True),
-        ("top1 % before", lambda r: fmt.pct(r["top1_before"]), True),
-        ("top1 % now", lambda r: fmt.pct(r["top1_after"]), True),
+        ("config", lambda r: fmt.text(r["label"]), False), ("seeds", lambda r: fmt.text(r["seeds"]), True),
+        ("top1 % before", lambda r: fmt.pct(r["top1_before"], r["top1_before_std"]), True),
+        ("top1 % now", lambda r: fmt.pct(r["top1_after"], r["top1_after_std"]), True),
         ("Δ top1 (pts)", lambda r: fmt.delta_pts(r["top1_delta"]), True),
+        ("allowed drop (pts)", lambda r: _allowed(r["top1_allowed"], r["top1_delta"], 2, r["threshold_only"]), True),
         ("images/s before", lambda r: fmt.rate(r["ips_before"]), True),
         ("images/s now", lambda r: fmt.rate(r["ips_after"]), True),
         ("Δ images/s", lambda r: fmt.delta_rel(r["ips_rel"]), True),
-        ("status", lambda r: f"{r['status_before']} → {r['status_after']}", False),
-        ("regression", lambda r: r["regression"] or "", False), ("cell id", lambda r: fmt.text(r["cell_id"]), False),
+        ("allowed drop (%)", lambda r: _allowed(r["ips_allowed"], r["ips_rel"], 1, r["threshold_only"]), True),
+        ("status", lambda r: r["status"], False),
+        ("regression", lambda r: r["regression"] or "", False), ("config id", lambda r: fmt.text(r["group_id"]), False),
     ]
-    long = len(data.comparison) > 25  # the regressions are repeated at the top; fold the rest in the HTML
-    note = (f"Compared with {against}. {flagged} of {len(data.comparison)} cells regressed (top1 drop > "
-            f"{100 * data.top1_drop:.2f} pts, images/s drop > {100 * data.speed_drop:.0f}%, or no longer ok).")
-    return section.add("table", fmt.table("", data.comparison, columns, note, details=long,
+    single = int(table["threshold_only"].sum())
+    long = len(table) > 25  # the regressions are repeated at the top; fold the rest in the HTML
+    note = (f"Compared with {against}, config by config: seeds folded into mean ± std, over the cells both runs "
+            f"have. A drop counts as a regression only beyond both the threshold (top1 {100 * data.top1_drop:.2f} pts, "
+            f"images/s {100 * data.speed_drop:.0f}%) and {stats.NOISE_K:g} standard errors of the difference of the "
+            "means (the seeds' pooled spread; 'allowed drop' is the larger of the two); a seed that is no longer ok "
+            f"always counts. {flagged} of {len(table)} configs regressed."
+            + (f" {single} config(s) ran one seed on each side: nothing measures their noise, so the threshold "
+               "alone applies to them (marked *)." if single else ""))
+    return section.add("table", fmt.table("", table, columns, note, details=long,
                                           css=lambda r: "bad" if r["regression"] else ""))
 
 
-_AGG_NOTE = {"max": "best config over the other settings", "mean": "mean over the other settings"}
+def _allowed(value: object, delta: object, digits: int, threshold_only: bool) -> str:
+    if pd.isna(delta):
+        return fmt.DASH
+    return f"{100 * float(value):.{digits}f}" + (" *" if threshold_only else "")
+
+
+_AGG_NOTE = {"chosen": "test top-1 of the config with the best validation mean over the other settings "
+                       "(validation chooses, test is reported)",
+             "max": "largest over the other settings", "mean": "mean over the other settings"}
 
 
 def pivots(data: ReportData) -> Section:
     section = Section("pivots", "Along each axis")
     for spec in tables.PIVOTS:
-        values = data.groups[spec.columns].dropna().astype(str).unique() if not data.groups.empty else []
+        # A choice is made among the leaderboard's rows (each backbone config at its chosen tuned values);
+        # means and peaks are over every config run.
+        source = data.leaderboard if spec.agg == "chosen" else data.configs
+        values = source[spec.columns].dropna().astype(str).unique() if not source.empty else []
         if len(values) < 2:
             section.add("note", f"{spec.title}: skipped, one {spec.columns} only ({', '.join(values) or 'none'}).")
             continue
-        table = tables.pivot(data.groups, spec)
+        table = tables.pivot(source, spec)
         if table.empty:
             section.add("note", f"{spec.title}: skipped, {spec.value} was not recorded.")
             continue
-        section.add("table", _pivot_table(table, spec))
+        section.add("table", _pivot_table(table, spec, source))
     return section
 
 
-def _pivot_table(table: pd.DataFrame, spec: tables.PivotSpec) -> fmt.Table:
+def _pivot_table(table: pd.DataFrame, spec: tables.PivotSpec, source: pd.DataFrame) -> fmt.Table:
     show = fmt.UNITS[spec.unit]
     heads = [f"{spec.columns} {fmt.text(c)}" for c in table.columns]
     rows = [[fmt.text(idx)] + [show(v) for v in row] for idx, row in zip(table.index, table.to_numpy())]
-    return fmt.Table(spec.title, [spec.index] + heads, rows, [False] + [True] * len(heads), f"Each value: {_AGG_NOTE[spec.agg]}.")
+    note = f"Each value: {_AGG_NOTE[spec.agg]}."
+    if spec.agg == "chosen" and source["val_mean"].isna().any():
+        note += (" Configs without validation accuracy cannot be chosen: a value is shown for one only when it is "
+                 "the only config there; otherwise the entry is empty.")
+    return fmt.Table(spec.title, [spec.index] + heads, rows, [False] + [True] * len(heads), note)
 
 
 def plots(data: ReportData) -> Section:
@@ -173,12 +298,14 @@ def cells(data: ReportData) -> Section:
     columns = [
         ("suite", lambda r: fmt.text(r["suite"]), False), ("config", lambda r: tables.config_label(r, data.extra), False),
         ("seed", lambda r: fmt.text(r["seed"]), True), ("mode", lambda r: fmt.text(r["mode"]), False),
-        ("status", lambda r: fmt.text(r["status"]), False), ("top1 %", lambda r: fmt.pct(r["top1"]), True),
+        ("status", lambda r: fmt.text(r["status"]), False), ("val top-1 %", lambda r: fmt.pct(r["val_top1_best"]), True),
+        ("test top-1 %", lambda r: fmt.pct(r["top1"]), True), ("test epoch", lambda r: fmt.text(r["test_epoch"]), True),
         ("train time", lambda r: fmt.seconds(r["train_s"]), True), ("images/s", lambda r: fmt.rate(r["images_per_s"]), True),
         ("run", lambda r: fmt.text(r["run_id"]), False), ("cell id", lambda r: fmt.text(r["cell_id"]), False),
         ("finished", lambda r: _when(r["finished_at"]), False),
     ]
-    note = "Every shown cell, one row each (the newest row of a cell that ran more than once)."
+    note = ("Every shown cell, one row each (the newest row of a cell that ran more than once). Val top-1: the best "
+            "validation epoch; test top-1: measured on that epoch's weights (test epoch) where restore_best is on.")
     return Section("cells", "All cells").add("table", fmt.table("", rows, columns, note, details=True))
 
 
@@ -188,6 +315,6 @@ def _when(value: object) -> str:
 
 # The section registry, in report order.
 SECTIONS: dict[str, Callable[[ReportData], Section]] = {
-    "leaderboard": leaderboard, "failed": failed, "speed": speed, "comparison": comparison,
+    "leaderboard": leaderboard, "sweep": sweep, "failed": failed, "speed": speed, "comparison": comparison,
     "pivots": pivots, "plots": plots, "cells": cells,
 }

@@ -1,4 +1,11 @@
-"""The report's numbers: seeds folded into one leaderboard row per config, pivots, the Pareto front.
+"""The report's numbers: seeds folded into one row per config, sweeps folded into one row per backbone config,
+pivots, the Pareto front.
+
+Every choice made here (the leaderboard's order, the value a sweep keeps, the best config per point of a pivot
+or plot, the Pareto front) uses validation accuracy, the mean over seeds of `val_top1_best`: the epoch whose
+weights the test score was measured on (`restore_best`). Test accuracy is carried along for the chosen rows and
+never decides anything: with hundreds of configs, picking by test is how a test set gets overfit.
+A config without validation accuracy (val_fraction 0) cannot be chosen; it is listed after the ranked ones.
 
 Functions here take and return DataFrames of raw values (fractions, seconds, bytes); `fmt` turns them
 into text. Tests check these numbers against the rows they wrote.
@@ -19,6 +26,11 @@ KEY_CONFIG = ["model", "resolution", "batch_size", "freeze"]
 NOT_CONFIG = {"suite", "seed", "cell_timeout_s", "mode", "throughput_warmup_steps", "throughput_steps"}
 OTHER_CONFIG = [c for c in CELL_FIELDS if c not in NOT_CONFIG and c not in KEY_CONFIG]
 GROUP = ["suite", "group_id"]
+# Hyperparameters a suite sweeps to tune a backbone, not axes a user compares. A sweep over them folds into one
+# leaderboard row per backbone config, at the values validation chose, so each backbone is compared at its own
+# best setting: with one fixed learning rate the ranking partly measures how well that rate suits each
+# architecture. (`lr` on rows is the rate actually used, so a probe's x10 default lands in its own fold.)
+TUNED = ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_fraction", "head_dropout")
 
 
 def varying(rows: pd.DataFrame, columns: list[str]) -> list[str]:
@@ -58,23 +70,75 @@ def freeze_key(label: object) -> tuple[int, float, str]:
         return (4, 0.0, text)
 
 
-def leaderboard(rows: pd.DataFrame, config: list[str]) -> pd.DataFrame:
-    """One row per config (suite, group_id) with seeds folded into mean, std and n; best top1 first."""
+def config_table(rows: pd.DataFrame, config: list[str]) -> pd.DataFrame:
+    """One row per config (suite, group_id), seeds folded into mean, std and n; ordered `by_validation`."""
     aggs = {c: (c, "first") for c in config if c not in GROUP}
     aggs |= {
-        "n": ("cell_id", "count"), "top1_mean": ("top1", "mean"), "top1_std": ("top1", "std"),
+        "n": ("cell_id", "count"), "n_val": ("val_top1_best", "count"),
+        "val_mean": ("val_top1_best", "mean"), "val_std": ("val_top1_best", "std"),
+        "top1_mean": ("top1", "mean"), "top1_std": ("top1", "std"),
         "top5_mean": ("top5", "mean"), "train_s_mean": ("train_s", "mean"), "train_s_std": ("train_s", "std"),
         "images_per_s_mean": ("images_per_s", "mean"),
         # Peaks: the worst seed is what a user must provision for.
         "peak_vram_allocated_bytes": ("peak_vram_allocated_bytes", "max"),
+        "peak_vram_train_bytes": ("peak_vram_train_bytes", "max"), "data_device_bytes": ("data_device_bytes", "max"),
         "peak_host_rss_bytes": ("peak_host_rss_bytes", "max"),
         "trainable_params": ("trainable_params", "first"), "total_params": ("total_params", "first"),
         "flops_per_image": ("flops_per_image", "first"),
         "cell_ids": ("cell_id", lambda ids: ", ".join(sorted(ids))),
     }
-    table = _fold(rows, aggs)
-    ordered = table.sort_values(["top1_mean", "train_s_mean"], ascending=[False, True], na_position="last", kind="stable")
-    return ordered.reset_index(drop=True)
+    return by_validation(_fold(rows, aggs))
+
+
+def by_validation(configs: pd.DataFrame) -> pd.DataFrame:
+    """Configs with validation accuracy first, highest mean first (ties: shorter train time); then the ones
+    without it, in config order: they cannot be ranked, and ranking them by test would be choosing on test."""
+    val = configs["val_mean"].to_numpy(dtype=float)
+    time = configs["train_s_mean"].to_numpy(dtype=float)
+    column = {c: configs[c].tolist() if c in configs else [None] * len(configs) for c in _ORDER}
+
+    def key(i: int) -> tuple:
+        if not np.isnan(val[i]):  # ranked: (0, ...) always sorts before unranked: (1, ...)
+            return (0, -val[i], np.inf if np.isnan(time[i]) else time[i], i)
+        return (1, str(column["suite"][i]), str(column["model"][i]), _num(column["resolution"][i]),
+                _num(column["batch_size"][i]), freeze_key(column["freeze"][i]),
+                *(_num(column[c][i]) for c in TUNED), str(column["group_id"][i]))
+
+    return configs.iloc[sorted(range(len(configs)), key=key)].reset_index(drop=True)
+
+
+_ORDER = ("suite", "model", "resolution", "batch_size", "freeze", *TUNED, "group_id")
+
+
+def _num(value: object) -> float:
+    return float("inf") if value is None or pd.isna(value) else float(value)
+
+
+def _folds(ordered: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Which fold (combination of `keys`) each row belongs to, numbered in order of first appearance."""
+    if not keys:
+        return pd.Series(0, index=ordered.index)
+    return ordered.groupby(keys, sort=False, dropna=False).ngroup()
+
+
+def fold_sweeps(configs: pd.DataFrame, config: list[str]) -> pd.DataFrame:
+    """The leaderboard: one row per backbone config (the config columns but the TUNED ones), the tuned values
+    validation chose; `tried` says how many were tried and `candidates` their group ids, best first.
+
+    Without validation accuracy nothing can choose among a sweep's values, so each stays a row of its own
+    (tried 1). The rows come `by_validation`, and `rank` numbers the ones with validation accuracy."""
+    ordered = by_validation(configs)
+    fold = _folds(ordered, ["suite"] + [c for c in config if c not in TUNED and c not in GROUP])
+    # Ordered by validation, a fold's first row has validation accuracy exactly when any of its rows has.
+    validated = ordered["val_mean"].notna().groupby(fold).transform("first").astype(bool)
+    tried = ordered["group_id"].groupby(fold).agg(list)
+    keep = ~fold.duplicated() | ~validated
+    kept = zip(fold[keep], validated[keep], ordered.loc[keep, "group_id"])
+    board = ordered[keep].assign(candidates=[tried[f] if v else [g] for f, v, g in kept])
+    board["tried"] = [len(c) for c in board["candidates"]]
+    ranked = int(board["val_mean"].notna().sum())
+    rank = pd.array(list(range(1, ranked + 1)) + [pd.NA] * (len(board) - ranked), dtype="Int64")
+    return board.reset_index(drop=True).assign(rank=rank)
 
 
 def speed_table(rows: pd.DataFrame, config: list[str]) -> pd.DataFrame:
@@ -97,15 +161,22 @@ def _fold(rows: pd.DataFrame, aggs: dict[str, tuple]) -> pd.DataFrame:
     return rows.groupby(GROUP, sort=False, dropna=False).agg(**aggs).reset_index()
 
 
-def best_per(groups: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """The best config (highest mean top1) for each combination of `keys`: one line per model in a plot."""
-    ranked = groups.dropna(subset=["top1_mean"]).sort_values("top1_mean", ascending=False, kind="stable")
-    return ranked.drop_duplicates(keys).reset_index(drop=True)
+def best_per(configs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The config with the best validation mean for each combination of `keys` (one line per model in a plot).
+
+    A combination whose only config lacks validation accuracy keeps it (there is no choice to make); one with
+    several such configs and none validated gets no row: choosing among them would mean choosing on test."""
+    ordered = by_validation(configs)
+    fold = _folds(ordered, keys)
+    alone = fold.map(fold.value_counts()) == 1
+    return ordered[~fold.duplicated() & (ordered["val_mean"].notna() | alone)].reset_index(drop=True)
 
 
 @dataclass(frozen=True)
 class PivotSpec:
-    """One pivot: `value` aggregated by `agg` over the other axes, `index` down, `columns` across."""
+    """One pivot: `value` aggregated by `agg` over the other axes, `index` down, `columns` across.
+
+    agg "chosen": the value of the config `best_per` chooses (by validation) for each index and column."""
 
     key: str
     title: str
@@ -116,12 +187,13 @@ class PivotSpec:
     unit: str  # how fmt renders the value: pct, seconds, bytes, rate
 
 
-# The pivot registry, in report order. Accuracy takes the best config over the other axes (what a user picks);
-# time is a mean over them; memory the largest peak (what a user must provision for).
+# The pivot registry, in report order. Accuracy is the test score of the config validation chooses over the other
+# axes (what a user would pick); time is a mean over them; memory the largest peak (what a user must provision for).
 PIVOTS = (
-    PivotSpec("top1_model_resolution", "Test top-1 (%) by model and resolution", "model", "resolution",
-              "top1_mean", "max", "pct"),
-    PivotSpec("top1_model_freeze", "Test top-1 (%) by model and freeze depth", "model", "freeze", "top1_mean", "max", "pct"),
+    PivotSpec("top1_model_resolution", "Test top-1 (%) by model and resolution, config chosen by validation",
+              "model", "resolution", "top1_mean", "chosen", "pct"),
+    PivotSpec("top1_model_freeze", "Test top-1 (%) by model and freeze depth, config chosen by validation",
+              "model", "freeze", "top1_mean", "chosen", "pct"),
     PivotSpec("train_s_model_batch", "Train time by model and batch size", "model", "batch_size",
               "train_s_mean", "mean", "seconds"),
     PivotSpec("ips_model_batch", "Images/s by model and batch size", "model", "batch_size",
@@ -131,12 +203,14 @@ PIVOTS = (
 )
 
 
-def pivot(groups: pd.DataFrame, spec: PivotSpec) -> pd.DataFrame:
-    """The pivot of leaderboard rows; empty when the value was never measured."""
-    data = groups.dropna(subset=[spec.value])
+def pivot(configs: pd.DataFrame, spec: PivotSpec) -> pd.DataFrame:
+    """The pivot of config rows; empty when the value was never measured."""
+    chosen = spec.agg == "chosen"
+    data = (best_per(configs, [spec.index, spec.columns]) if chosen else configs).dropna(subset=[spec.value])
     if data.empty:
         return pd.DataFrame()
-    table = data.pivot_table(index=spec.index, columns=spec.columns, values=spec.value, aggfunc=spec.agg, observed=True)
+    table = data.pivot_table(index=spec.index, columns=spec.columns, values=spec.value,
+                             aggfunc="first" if chosen else spec.agg, observed=True)
     if spec.columns == "freeze":
         table = table[sorted(table.columns, key=freeze_key)]
     return table.sort_index()
@@ -153,10 +227,11 @@ def pareto_front(cost: np.ndarray, gain: np.ndarray) -> np.ndarray:
     return front
 
 
-def pareto_rows(groups: pd.DataFrame) -> pd.DataFrame:
-    """The configs on the accuracy / train-time front, fastest first, numbered 1.. as the plot labels them."""
-    g = groups.dropna(subset=["top1_mean", "train_s_mean"])
-    front = g[pareto_front(g["train_s_mean"].to_numpy(dtype=float), g["top1_mean"].to_numpy(dtype=float))]
-    front = front.sort_values(["train_s_mean", "top1_mean"], ascending=[True, False], kind="stable").reset_index(drop=True)
+def pareto_rows(configs: pd.DataFrame) -> pd.DataFrame:
+    """The configs on the validation-accuracy / train-time front, fastest first, numbered 1.. as the plot labels
+    them. The front is a choice, so validation draws it; configs without validation accuracy are not on it."""
+    g = configs.dropna(subset=["val_mean", "train_s_mean"])
+    front = g[pareto_front(g["train_s_mean"].to_numpy(dtype=float), g["val_mean"].to_numpy(dtype=float))]
+    front = front.sort_values(["train_s_mean", "val_mean"], ascending=[True, False], kind="stable").reset_index(drop=True)
     return front.assign(front_no=range(1, len(front) + 1))
 
