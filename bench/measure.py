@@ -55,6 +55,20 @@ def tree_rss_bytes(proc: psutil.Process) -> int:
     return total
 
 
+def tree_pss_bytes(proc: psutil.Process) -> int:
+    """Proportional set size of a process and all its descendants: a page shared by n processes counts 1/n
+    in each, so pages a forked child shares with its parent (or DataLoader workers with the cell) count once.
+    Reads /proc/PID/smaps_rollup, which walks every mapping: about 10 ms of CPU for a process with torch
+    loaded, against microseconds for RSS."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
 class PeakSampler:
     """A background thread that samples a value every `interval_s` and keeps the maximum.
 

@@ -55,11 +55,12 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "per_class_precision": pa.list_(_f64), "per_class_recall": pa.list_(_f64),
     "confusion_matrix": pa.list_(pa.list_(_i64)), "test_correct": _str,
     # time
-    "wall_s": _f64, "setup_s": _f64, "compile_s": _f64, "train_s": _f64, "eval_s": _f64,
+    "wall_s": _f64, "start_s": _f64, "start_method": _str, "setup_s": _f64, "compile_s": _f64,
+    "train_s": _f64, "eval_s": _f64,
     "warmup_s": _f64, "warmup_steps": _i64, "images_per_s": _f64, "feature_extract_s": _f64,
     # memory
     "peak_vram_allocated_bytes": _i64, "peak_vram_reserved_bytes": _i64, "peak_vram_nvml_bytes": _i64,
-    "peak_host_rss_bytes": _i64, "peak_host_maxrss_bytes": _i64, "data_device_bytes": _i64,
+    "peak_host_pss_bytes": _i64, "peak_host_rss_bytes": _i64, "peak_host_maxrss_bytes": _i64, "data_device_bytes": _i64,
     "peak_vram_train_bytes": _i64,
     # inference cost of the trained model
     "infer_images_per_s": _f64, "infer_latency_ms_p50": _f64, "infer_latency_ms_p95": _f64,
