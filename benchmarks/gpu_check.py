@@ -344,18 +344,19 @@ def probe_modules(ctx: Context) -> dict:
 def step_setup(ctx: Context) -> Outcome:
     notes, lines = [], []
     probe = probe_modules(ctx)
-    if not probe["found"]["pydantic"]:
+    need = [m for m in ("pydantic", "pytest") if not probe["found"][m]]  # what $BENCH_WHEELS is for
+    if need:
         site = Path(tempfile.gettempdir()) / f"bench-gpu-check-site-py{sys.version_info[0]}{sys.version_info[1]}"
         try:
-            lines.append(install_wheels(wheels_dir(), site, ctx.python))
+            lines.append(f"{' and '.join(need)} missing: " + install_wheels(wheels_dir(), site, ctx.python))
+            ctx.env["PYTHONPATH"] = os.pathsep.join([str(site), ctx.env["PYTHONPATH"]])
+            sys.path.insert(0, str(site))
+            probe = probe_modules(ctx)
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            notes.append(f"pydantic is missing and could not be installed: {exc}")
-            lines.append(notes[-1])
-        ctx.env["PYTHONPATH"] = os.pathsep.join([str(site), ctx.env["PYTHONPATH"]])
-        sys.path.insert(0, str(site))
-        probe = probe_modules(ctx)
+            lines.append(f"{' and '.join(need)} missing and not installed: {exc}")
+            notes += lines[-1:] if "pydantic" in need else []
     else:
-        lines.append("pydantic is importable: no wheels needed")
+        lines.append("pydantic and pytest are importable: no wheels needed")
     ctx.modules = probe["found"]
     missing = [f"{m} ({why})" for m, why in {**NEEDED, **WANTED}.items() if not probe["found"][m]]
     lines.append("missing: " + ("; ".join(missing) if missing else "nothing"))

@@ -151,6 +151,30 @@ def test_wheels_install_offline_and_a_missing_folder_is_named(tmp_path):
     assert "installed 1 wheels" in said and (tmp_path / "site" / "annotated_types" / "__init__.py").is_file()
 
 
+def test_setup_installs_the_wheels_when_pydantic_is_missing_and_puts_them_first(monkeypatch, tmp_path):
+    pure = sorted(WHEELS.glob("annotated_types-*.whl"))
+    if not pure:
+        pytest.skip(f"the GPU wheels are not at {WHEELS}")
+    (tmp_path / "wheels").mkdir()
+    shutil.copy(pure[0], tmp_path / "wheels")
+    monkeypatch.setenv("BENCH_WHEELS", str(tmp_path / "wheels"))
+    monkeypatch.setenv("BENCH_ASSETS", str(tmp_path))  # no images: only the wheels are under test
+    monkeypatch.setattr(gpu_check.tempfile, "gettempdir", lambda: str(tmp_path))
+    answers = iter([False, True])  # pydantic absent, then present once the wheels are in
+
+    def probe(ctx):
+        found = {m: True for m in [*gpu_check.NEEDED, *gpu_check.WANTED]}
+        return {"found": {**found, "pydantic": next(answers)}, "bench": None}
+
+    monkeypatch.setattr(gpu_check, "probe_modules", probe)
+    ctx = context(tmp_path)
+    outcome = gpu_check.step_setup(ctx)
+    site = ctx.env["PYTHONPATH"].split(os.pathsep)[0]
+    assert outcome.status == "ok" and "pydantic missing: installed 1 wheels" in outcome.body
+    assert Path(site, "annotated_types", "__init__.py").is_file() and Path(site).parent == tmp_path
+    assert "step 6 skips" in outcome.body
+
+
 def test_a_command_past_the_step_budget_is_killed_and_a_broken_step_is_recorded(tmp_path):
     ctx = context(tmp_path)
     ctx.step, ctx.step_deadline = "demo", time.monotonic() + 3
