@@ -252,7 +252,7 @@ def test_mcnemar_marks_on_a_constructed_case(tmp_path, no_plots):
     assert board.loc["vgg16", "p_holm"] < ALPHA
     markdown = build_report(tmp_path / "results", tmp_path / "out").markdown.read_text()
     marks = {r["model"]: r["vs #1 (McNemar)"] for r in md_rows(markdown, "## Leaderboard")}
-    assert marks == {"resnet18": "best", "convnext_tiny": "≈ best", "alexnet": "", "mobilenet_v2": "",
+    assert marks == {"resnet18": "best", "convnext_tiny": "≈ best", "alexnet": "–", "mobilenet_v2": "–",
                      "vgg16": "worse", "densenet121": "better"}
     assert "McNemar's test" in markdown and "Holm-corrected" in markdown and "α = 0.05" in markdown
 

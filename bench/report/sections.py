@@ -43,7 +43,7 @@ def _n(r: pd.Series) -> str:
 def _metrics(prefix: list[fmt.Column]) -> list[fmt.Column]:
     return prefix + _accuracy() + [
         ("n", _n, True),
-        ("vs #1 (McNemar)", lambda r: r["vs_best"], False),
+        ("vs #1 (McNemar)", lambda r: r["vs_best"] or fmt.DASH, False),
         ("p (Holm)", lambda r: _p(r["p_holm"]), True),
         ("test top-5 %", lambda r: fmt.pct(r["top5_mean"]), True),
         ("train time", lambda r: fmt.seconds(r["train_s_mean"]), True),
@@ -105,8 +105,8 @@ def _mcnemar_note(board: pd.DataFrame) -> str:
             f"both ran; exact binomial up to {stats.EXACT_MAX} discordant images, chi-squared with continuity "
             f"correction above), two-sided, Holm-corrected over the configs compared, α = {stats.ALPHA}. "
             "≈ best: not significantly different from #1, so the ranking between them is noise; worse / better: "
-            "significantly so on test. Green rows are #1 and those ≈ best; a dash: no paired data (a different "
-            "test set, or rows without test_correct).")
+            "significantly so on test (in the HTML, #1 and the configs ≈ best are green). A dash: no paired "
+            "data (a different test set, or rows without test_correct).")
 
 
 def _unranked_note(board: pd.DataFrame) -> str:
@@ -114,7 +114,7 @@ def _unranked_note(board: pd.DataFrame) -> str:
     if not unranked:
         return ""
     return (f"{unranked} config(s) without validation accuracy (val_fraction 0, or no validation recorded) "
-            "cannot be chosen on validation: they follow the ranked ones unranked (#: –, greyed), in config order, "
+            "cannot be chosen on validation: they follow the ranked ones unranked (#: –; greyed in the HTML), in config order, "
             "with their test top-1 for reference only; a sweep among them is not folded.")
 
 
