@@ -1,12 +1,14 @@
-"""The backbone registry (torchvision; timm when installed), weights, new heads, freeze policies, FLOPs.
+"""The backbone registry (torchvision; timm when installed; your own, `py:`), weights, new heads, freeze policies, FLOPs.
 
-Names are canonical `tv:NAME` or `timm:NAME`; a bare name is torchvision's. What needs only shapes (parameter
+Names are canonical `tv:NAME`, `timm:NAME` (or `timm:hf-hub:ORG/NAME`, a repo in the hub cache) or
+`py:MODULE:FACTORY` (see `bench.zoo`); a bare name is torchvision's. What needs only shapes (parameter
 counts, accepted resolutions, FLOPs, where the classifier is) is worked out on a *skeleton*: the model with its
 parameters on the meta device, which costs no memory, no init time and never a download.
 
 A model's architecture always follows its weights (torchvision's ViT-H/14 SWAG weights make it a 518 px
 network, Inception-v3's add an auxiliary classifier), whether or not they are loaded: `pretrained: false` is
-the same network, randomly initialised.
+the same network, randomly initialised. A checkpoint of your own (`weights: file.pth`) loads into the
+architecture of the default weights, and its inputs follow their recipe.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import functools
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from unittest import mock
 
@@ -31,14 +33,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import get_model
 from torchvision.models._api import WeightsEnum
 
+from bench import weights as files
+from bench import zoo
 from bench.errors import ResolutionError, UnknownModelError, WeightsUnavailableError, close_matches
 from bench.freeze import apply_freeze
 from bench.heads import drop_aux_heads, find_heads, install_heads
-from bench.recipe import IMAGENET, InputRecipe
+from bench.recipe import IMAGENET, INTERPOLATIONS, InputRecipe
 from bench.suite import Cell
-from bench.weights import downloading, is_cached, prepare, timm_cfg, tv_member
+from bench.weights import HUB_PREFIX, HUB_TAG, downloading, is_cached, prepare, timm_cfg, tv_member
 
-SOURCES = {"tv": "torchvision", "timm": "timm"}
+SOURCES = {"tv": "torchvision", "timm": "timm", "py": "python"}
+LISTED = ("tv", "timm")  # the sources with a list of names; a py: name is a factory, found by importing it
+PY_NATIVE_SIDES = (224, 32, 64, 96, 128, 160, 256, 299, 384)  # a py: model's native size, unless it declares one
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,14 @@ class Backbone:
     total_layers: int  # parameterised layers of the backbone (heads excluded)
     weights: str | None  # weights actually loaded; None when pretrained is false
     recipe: InputRecipe = IMAGENET  # mean, std, interpolation of the architecture's weights (loaded or not)
+    model_source_file: str | None = None  # py: models: the file that defines the factory
+    model_source_sha256: str | None = None  # ... and its hash, as imported
+    weights_sha256: str | None = None  # a weights file of your own (`weights: path`), as loaded
+
+    def provenance(self) -> dict:
+        """The row's columns saying which code and which weights file made this model."""
+        return {"model_source_file": self.model_source_file, "model_source_sha256": self.model_source_sha256,
+                "weights_sha256": self.weights_sha256}
 
 
 # --- registry -----------------------------------------------------------------------------------------------------
@@ -103,10 +117,17 @@ def _split(pattern: str) -> tuple[str, str]:
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Canonical names, sorted, optionally filtered by a glob; a bare glob searches torchvision."""
+    """Canonical names, sorted, optionally filtered by a glob; a bare glob searches torchvision. A py: or
+    timm:hf-hub: name is no glob but itself, once its factory runs (py:) or timm is installed (hf-hub:)."""
     if pattern is None:
-        return [f"{s}:{n}" for s in SOURCES if s == "tv" or _timm() is not None for n in _names(s)]
+        return [f"{s}:{n}" for s in LISTED if s == "tv" or _timm() is not None for n in _names(s)]
     source, glob = _split(pattern)
+    if source == "py":
+        _on_meta(lambda: zoo.call(glob, 1000))  # imports, runs and checks the factory: `bench validate` says what fails
+        return [pattern]
+    if source == "timm" and glob.startswith(HUB_PREFIX):
+        _require_timm()
+        return [pattern]
     return [f"{source}:{n}" for n in _names(source) if fnmatch.fnmatchcase(n, glob)]
 
 
@@ -137,8 +158,19 @@ def _canonical(name: str) -> str:
 
 
 def _arch_weights(name: str, weights: str | None) -> str | None:
-    """The weights whose architecture `name` is built with: the one asked for, else the default."""
+    """The weights whose architecture `name` is built with: the one asked for, else the default (also for a
+    weights file of your own, which is checked against that architecture here)."""
     source, arch = _split(name)
+    if files.is_file_weights(weights):
+        arch_weights = _arch_weights(name, None)
+        _check_file(name, arch_weights, weights)
+        return arch_weights
+    if source == "py" or arch.startswith(HUB_PREFIX):
+        if weights is not None:
+            raise UnknownModelError(f"{name}: weights {weights!r} is not a file path; its weights are "
+                                    f"{'its repo' if source == 'timm' else 'what its factory returns'}, or give a "
+                                    f"checkpoint file such as weights: path/to/file.pth")
+        return HUB_TAG if source == "timm" else None
     if source == "tv":
         return tv_member(arch, weights).name
     timm = _require_timm()
@@ -202,17 +234,21 @@ def _create(
     """The one place the libraries build models: `weights` picks the architecture, `load` reads the values."""
     source, arch = _split(name)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if source == "timm" and num_classes is None:
+    if source != "tv" and num_classes is None:
         # timm heads follow the tag's dataset: 21k classes, or none at all for feature-only tags (SigLIP, DINOv3).
         # A 1000-class head is always there to find and replace; timm then skips the checkpoint's head.
         kwargs["num_classes"] = 1000
+    if arch.startswith(HUB_PREFIX):
+        files.prepare_hub_config(name)  # the architecture is in the repo's config.json, which timm fetches
 
     def construct() -> nn.Module:
         if source == "tv":
             member = tv_member(arch, weights) if weights else None
             with nullcontext() if load else _architecture_only():
                 return get_model(arch, weights=member, **kwargs)
-        full = f"{arch}.{weights}" if weights else arch
+        if source == "py":
+            return zoo.call(arch, kwargs["num_classes"])[0]
+        full = f"{arch}.{weights}" if weights and weights != HUB_TAG else arch
         return _require_timm().create_model(full, pretrained=load, **kwargs)
 
     model = _on_meta(construct) if meta else construct()
@@ -238,6 +274,11 @@ def _same(x: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _head_paths(name: str) -> tuple[str, ...]:
+    source, arch = _split(name)
+    if source == "py":
+        _, named = _on_meta(lambda: zoo.call(arch, 1000))
+        if named is not None:  # the factory said where its classifier is
+            return (named,)
     with warnings.catch_warnings():  # GoogLeNet and Inception-v3 warn about their init when built without weights
         warnings.simplefilter("ignore", FutureWarning)
         return find_heads(name, lambda num_classes: _create(name, None, meta=True, num_classes=num_classes))
@@ -280,13 +321,16 @@ def _limits(name: str, weights: str | None) -> ModelInfo:
     if source == "tv":
         member = tv_member(arch, weights)
         native, hint = int(member.transforms().crop_size[0]), int(member.meta["min_size"][0])
-    else:
-        cfg = skeleton.pretrained_cfg
-        native, hint = int(cfg["input_size"][-1]), int((cfg.get("min_input_size") or (0, 0, 0))[-1])
+    else:  # timm's pretrained_cfg, which a py: model may carry too
+        cfg = getattr(skeleton, "pretrained_cfg", None) or {}
+        native = int((cfg.get("input_size") or (0, 0, 0))[-1])
+        hint = int((cfg.get("min_input_size") or (0, 0, 0))[-1])
 
     def accepts(size: int) -> bool:
         return size >= 1 and _why_not(name, weights, size) is None
 
+    if not native:  # a py: model that does not say: the first common size it takes
+        native = next((side for side in PY_NATIVE_SIDES if accepts(side)), PY_NATIVE_SIDES[0])
     fixed = not any(accepts(s) for s in (native - 1, native + 1, native // 2, native * 2))
     if fixed:
         smallest = native
@@ -318,7 +362,7 @@ def check_resolution(name: str, resolution: int, *, weights: str | None = None) 
     if why is None:
         return
     limits = _limits(name, arch_weights)
-    if limits.fixed_resolution:
+    if limits.fixed_resolution and _why_not(name, arch_weights, limits.native_resolution) is None:
         reason = f"it takes only its native {limits.native_resolution} px"
     elif resolution < limits.min_resolution:
         reason = f"it needs at least {limits.min_resolution} px (native {limits.native_resolution})"
@@ -361,6 +405,8 @@ def _recipe(name: str, weights: str | None) -> InputRecipe:
             crop_pct=round(crop[0] / resize[0], 4) if crop and resize else None,
             source=f"torchvision {type(member).__name__}.{member.name}.transforms()",
         )
+    if source == "py":
+        return _declared_recipe(name, getattr(_skeleton(name, weights), "pretrained_cfg", None) or {})
     from timm.data import resolve_model_data_config
 
     config = resolve_model_data_config(_skeleton(name, weights))
@@ -370,7 +416,19 @@ def _recipe(name: str, weights: str | None) -> InputRecipe:
         # timm's "random" (train-time choice between bilinear and bicubic) has no single meaning here
         interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
         crop_pct=float(config["crop_pct"]) if config.get("crop_pct") else None,
-        source=f"timm resolve_model_data_config({arch}{'.' + weights if weights else ''})",
+        source=f"timm resolve_model_data_config({arch}{'.' + weights if weights and weights != HUB_TAG else ''})",
+    )
+
+
+def _declared_recipe(name: str, cfg: dict) -> InputRecipe:
+    """A py: model's recipe: what its `pretrained_cfg` says (timm's keys), ImageNet's statistics otherwise."""
+    if cfg.get("mean") is None and cfg.get("std") is None:
+        return replace(IMAGENET, source=f"ImageNet statistics ({name} declares none)")
+    interpolation = cfg.get("interpolation", "bilinear")
+    return InputRecipe(
+        mean=tuple(float(v) for v in cfg.get("mean", IMAGENET.mean)), std=tuple(float(v) for v in cfg.get("std", IMAGENET.std)),
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
+        crop_pct=float(cfg["crop_pct"]) if cfg.get("crop_pct") else None, source=f"{name}: its model's pretrained_cfg",
     )
 
 
@@ -379,6 +437,11 @@ def input_recipe(name: str, weights: str | None = None) -> InputRecipe:
     whether or not they are loaded: a random-init baseline sees its pretrained twin's inputs."""
     name = _canonical(name)
     return _recipe(name, _arch_weights(name, weights))
+
+
+def cell_recipe(cell: Cell) -> InputRecipe:
+    """The cell's input recipe: its weights' (`input_recipe`), with the suite's `input_mean` / `input_std` over it."""
+    return input_recipe(cell.model, cell.weights).with_stats(cell.input_mean, cell.input_std)
 
 
 # --- weights -----------------------------------------------------------------------------------------------------
@@ -405,6 +468,49 @@ def fetch_weights(name: str, weights: str | None = None) -> Path:
     return path
 
 
+# --- weights files of your own -------------------------------------------------------------------------------------
+
+
+def _spare(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a checkpoint may leave out: the heads bench replaces, and the auxiliary branches around them."""
+    heads = _head_paths(name)
+    return heads, tuple(dict.fromkeys(path.split(".")[0] for path in heads[1:]))
+
+
+def _fit(name: str, model: nn.Module, path: Path, where: str, mmap: bool) -> dict[str, torch.Tensor]:
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    return files.fit_state_dict(files.read_state_dict(path, mmap), expected, *_spare(name), where)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(name: str, arch_weights: str | None, path: Path, stamp: tuple[int, int]) -> None:
+    _fit(name, _skeleton(name, arch_weights), path, f"{name} weights {path}", mmap=True)
+
+
+def _check_file(name: str, arch_weights: str | None, weights: str) -> None:
+    """A weights file exists and fits the architecture (keys and shapes, read memory-mapped): `bench validate`
+    says so before a cell starts."""
+    path = files.checkpoint_file(weights).resolve()
+    stat = path.stat()
+    _checked(name, arch_weights, path, (stat.st_mtime_ns, stat.st_size))
+
+
+def _with_weights(cell: Cell, name: str, arch_weights: str | None, aux: bool) -> tuple[nn.Module, str | None]:
+    """The architecture with the cell's weights (a library's, a file of your own, or for a py: model without a
+    file, the factory's model as it comes) and the sha256 of a weights file."""
+    library = not files.is_file_weights(cell.weights) and _split(name)[0] != "py"
+    if not cell.pretrained or (not library and cell.weights is None):
+        return _create(name, arch_weights, meta=False, aux=aux), None
+    if library:
+        return _load(name, arch_weights, aux), None
+    model = _create(name, arch_weights, meta=False)  # every branch: the checkpoint may hold the auxiliary ones
+    path = files.checkpoint_file(cell.weights)
+    model.load_state_dict(_fit(name, model, path, f"{name} weights {cell.weights}", mmap=False), strict=False)
+    if not aux and getattr(model, "aux_logits", False) is True:
+        drop_aux_heads(model, _head_paths(name)[1:])
+    return model, files.file_sha256(path)
+
+
 # --- build --------------------------------------------------------------------------------------------------------
 
 
@@ -414,9 +520,11 @@ def build(cell: Cell, num_classes: int) -> Backbone:
     arch_weights = _arch_weights(name, cell.weights)
     check_resolution(name, cell.resolution, weights=cell.weights)
     aux = _keeps_aux(name, arch_weights, cell.resolution)
-    model = _load(name, arch_weights, aux) if cell.pretrained else _create(name, arch_weights, meta=False, aux=aux)
+    model, weights_sha256 = _with_weights(cell, name, arch_weights, aux)
     paths = install_heads(model, _head_paths(name), num_classes, cell)
     frozen, total = apply_freeze(model, paths, cell.freeze)
+    factory = zoo.load(_split(name)[1]) if _split(name)[0] == "py" else None
+    loaded = cell.weights if weights_sha256 else None if factory else arch_weights
     return Backbone(
         model=model,
         head=model.get_submodule(paths[0]),
@@ -425,6 +533,9 @@ def build(cell: Cell, num_classes: int) -> Backbone:
         total_params=sum(p.numel() for p in model.parameters()),
         frozen_layers=frozen,
         total_layers=total,
-        weights=arch_weights if cell.pretrained else None,
-        recipe=_recipe(name, arch_weights),
+        weights=loaded if cell.pretrained else None,
+        recipe=_recipe(name, arch_weights).with_stats(cell.input_mean, cell.input_std),
+        model_source_file=str(factory.source_file) if factory else None,
+        model_source_sha256=factory.source_sha256 if factory else None,
+        weights_sha256=weights_sha256,
     )

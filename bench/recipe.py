@@ -7,7 +7,7 @@ with DataLoader workers), and is recorded on the row. `bench/models.py` resolves
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,6 +32,14 @@ class InputRecipe:
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+
+    def with_stats(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> InputRecipe:
+        """This recipe with a suite's own `input_mean` / `input_std` in place of the weights' (None: keep them)."""
+        if mean is None and std is None:
+            return self
+        given = " and ".join(k for k, v in (("input_mean", mean), ("input_std", std)) if v is not None)
+        return replace(self, mean=tuple(mean or self.mean), std=tuple(std or self.std),
+                       source=f"the suite's {given}, over {self.source}")
 
     def row(self) -> dict:
         """The row's columns for this recipe."""

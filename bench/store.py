@@ -47,6 +47,7 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "loader": _str, "stored_resolution": _i64, "input_mean": pa.list_(_f64), "input_std": pa.list_(_f64),
     "interpolation": _str, "crop_pct": _f64, "feature_cache_used": _bool, "trainable_params": _i64, "total_params": _i64,
     "frozen_layers": _i64, "total_layers": _i64, "flops_per_image": _i64,
+    "model_source_file": _str, "model_source_sha256": _str, "weights_sha256": _str,  # py: models, weights files
     # accuracy
     "top1": _f64, "top5": _f64, "val_top1_best": _f64, "val_top1_final": _f64,
     "train_loss_final": _f64, "val_loss_final": _f64, "epochs_run": _i64, "steps_run": _i64,

@@ -12,7 +12,7 @@ import itertools
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -52,7 +52,9 @@ class Cell(BaseModel):
     channels_last: bool = True
     compile: bool = False
     pretrained: bool = True
-    weights: str | None = None
+    weights: str | None = None  # a library's name for them, or a checkpoint file of your own (path/to/file.pth)
+    input_mean: tuple[float, float, float] | None = None  # over the weights' recipe: per channel, on [0, 1] pixels
+    input_std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = None
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int = Field(512, ge=1)
     head_dropout: float = Field(0.0, ge=0, lt=1)
