@@ -96,23 +96,30 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--ray", "ray_address", metavar="ADDRESS",
               help="Run cells as Ray tasks, one GPU each: 'auto' (this machine's cluster), ray://HOST:PORT, or 'local'.")
+@click.option("--slurm", "partition", metavar="PARTITION",
+              help="Run cells as SLURM jobs (submitit), one GPU each, on PARTITION ('local': submitit's local executor).")
+@click.option("--executor", type=click.Choice(["local", "ray", "slurm"]),
+              help="Where cells run; ray means --ray auto, slurm the cluster's default partition (default: local).")
 @friendly
 def run(suite, results, data_root, device, gpus, rerun, only, max_cells, cell_timeout, max_host_mem, no_download,
-        overrides, ray_address):
+        overrides, ray_address, partition, executor):
     """Run every cell of SUITE (default: the embedded smoke suite) that has no result yet."""
     from bench.progress import Progress
     from bench.runner import RunOptions, run_suite
 
-    if ray_address and (device or gpus):
-        raise BenchError("--ray gives each cell a GPU of the cluster itself; drop --device and --gpus")
+    ray_address, partition = _placement(executor, ray_address, partition)
+    if (ray_address is not None or partition is not None) and (device or gpus):
+        raise BenchError("--ray and --slurm give each cell a GPU of the cluster itself; drop --device and --gpus")
     loaded, cells = _load(suite, overrides)
-    # With --ray the cluster places cells; the driver's own device only labels rows it writes itself.
-    devices = ("cpu",) if ray_address else _default_devices(device, gpus)
-    options = RunOptions(results=results, data_root=data_root, devices=devices, ray=ray_address,
+    # On a cluster the cluster places cells; the driver's own device only labels rows it writes itself.
+    remote = ray_address is not None or partition is not None
+    devices = ("cpu",) if remote else _default_devices(device, gpus)
+    options = RunOptions(results=results, data_root=data_root, devices=devices, ray=ray_address, slurm=partition,
                          rerun=rerun, only=only, max_cells=max_cells, cell_timeout_s=cell_timeout,
                          max_host_bytes=int(max_host_mem * 2**30) if max_host_mem else None,
                          download=not no_download)
-    where = f"Ray ({ray_address})" if ray_address else ", ".join(options.devices)
+    where = (f"Ray ({ray_address})" if ray_address is not None else f"SLURM ({partition or 'default partition'})"
+             if partition is not None else ", ".join(options.devices))
     click.echo(f"suite {loaded.name}: {len(cells)} cells on {where}; results in {results}/")
     with Progress() as progress:
         summary = run_suite(loaded, cells, options, progress.handle)
@@ -122,6 +129,20 @@ def run(suite, results, data_root, device, gpus, rerun, only, max_cells, cell_ti
     failed = [r for r in summary.rows if r["status"] != "ok"]
     if failed:
         click.echo(f"{len(failed)} cell(s) did not finish ok; their rows say why (bench report lists them).")
+
+
+def _placement(executor: str | None, ray_address: str | None, partition: str | None) -> tuple[str | None, str | None]:
+    """--executor, --ray and --slurm as one choice: (Ray address, SLURM partition), at most one of them set."""
+    if ray_address is not None and partition is not None:
+        raise BenchError("--ray and --slurm both choose where cells run; pass one of them")
+    chosen = "ray" if ray_address is not None else "slurm" if partition is not None else None
+    if executor and chosen and executor != chosen:
+        raise BenchError(f"--executor {executor} contradicts --{chosen}; drop one of them")
+    if executor == "ray" and ray_address is None:
+        ray_address = "auto"
+    if executor == "slurm" and partition is None:
+        partition = ""
+    return ray_address, partition
 
 
 def summary_table(rows: list[dict]) -> str:

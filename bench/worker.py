@@ -1,39 +1,40 @@
 """The worker: one process runs one cell and writes its outcome as JSON for the runner.
 
-Run as `python -m bench.worker SPEC.json RESULT.json`. Progress events go to stdout as JSON
-lines; the traceback of a failure goes to stderr (the runner keeps it as the cell's log).
+Started as `python -m bench.worker SPEC.json RESULT.json`, or forked from the fork server (`bench/forkserver.py`),
+which has imported `PRELOAD` already and calls `main`. Progress events go to stdout as JSON lines; the
+traceback of a failure goes to stderr (the runner keeps it as the cell's log).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import re
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 
-STARTED = time.perf_counter()
+STARTED = time.perf_counter()  # reset by `main` once the libraries are imported: setup_s starts there
 
+if __name__ == "__main__":  # a fresh process: tie it to the runner first, before the heavy imports
+    from bench.forkserver import die_with_parent
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker when the runner dies (kill -9 included), so no orphan trains on.
-    Done first, before the heavy imports, so the window without it is as short as it can be."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+    die_with_parent()
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the runner died before the line above: nobody is waiting for us
-            os._exit(1)
-
-
-_die_with_parent()
-
-from bench.errors import BenchError, UnavailableError  # noqa: E402
+from bench.errors import BenchError  # noqa: E402
+from bench.status import classify, message  # noqa: E402, F401 - both were defined here; callers import them from here
 from bench.suite import Cell  # noqa: E402
+
+# What `work` imports: the fork server imports these once, a fresh worker before it says it is ready.
+PRELOAD = ("torch", "torchvision", "bench.data", "bench.measure", "bench.models", "bench.train", "bench.worker")
+
+
+def preload_modules(models: Iterable[str]) -> list[str]:
+    """The modules a cell's process imports before it is ready; timm only where a model comes from it."""
+    return [*PRELOAD, *(["timm"] if any(m.startswith("timm:") for m in models) else [])]
 
 
 def emit(event: dict) -> None:
@@ -142,33 +143,6 @@ def _flops(models, cell: Cell, num_classes: int) -> int | None:
         return None
 
 
-def classify(exc: BaseException) -> str:
-    """The status a failure earns: out of memory, something missing, or an error."""
-    import torch
-
-    text = str(exc).lower()
-    # cuBLAS and cuDNN report their own allocation failures (CUBLAS_STATUS_ALLOC_FAILED) as RuntimeErrors.
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or any(
-        m in text for m in ("out of memory", "can't allocate memory", "cannot allocate memory", "alloc_failed")):
-        return "oom"
-    if isinstance(exc, UnavailableError):
-        return "unavailable"
-    return "error"
-
-
-# Generic advice that torch appends to CUDA and compile errors: the line before it says what happened.
-HINTS = re.compile(r"^(Compile with `TORCH_USE_CUDA_DSA`|CUDA kernel errors might be asynchronously|For debugging "
-                   r"consider passing CUDA_LAUNCH_BLOCKING|Set TORCHDYNAMO_VERBOSE|Set TORCH_LOGS|You can suppress "
-                   r"this exception|Device-side assertions were explicitly omitted)")
-
-
-def message(exc: BaseException) -> str:
-    """The error's last line that says what went wrong (torch's trailing debugging hints skipped)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    said = [ln for ln in lines if not HINTS.match(ln)] or lines
-    return said[-1] if said else exc.__class__.__name__
-
-
 def failure_measurements(spec: dict) -> dict:
     """What a failed cell still measured: its peaks up to the failure, an OOM's most telling numbers."""
     import torch
@@ -182,9 +156,20 @@ def failure_measurements(spec: dict) -> dict:
     return fields
 
 
+def _get_ready(cell: Cell) -> None:
+    """Import what the cell needs (already there in a forked child), then tell the runner when that was done:
+    from its launch to here is the row's start_s; from here to the first step, its setup_s."""
+    global STARTED
+    for name in preload_modules([cell.model]):
+        importlib.import_module(name)
+    STARTED = time.perf_counter()
+    emit({"kind": "ready", "clock": time.clock_gettime(time.CLOCK_MONOTONIC)})
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[1]).read_text())
     cell = Cell.model_validate_json(spec["cell"])
+    _get_ready(cell)
     try:
         row, epochs = work(cell, spec)
         result = {"status": "ok", "row": row, "epochs": epochs}

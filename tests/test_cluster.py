@@ -46,7 +46,7 @@ def test_cells_run_as_ray_tasks_leave_the_same_rows_and_resume(tmp_path, monkeyp
 
 
 def test_a_task_that_dies_becomes_a_killed_row(tmp_path, monkeypatch):
-    from bench import cluster
+    from bench.executors import ray as ray_executor
 
     suite = tiny_suite("ray-dies", [0])
     cells = expand(suite)
@@ -56,7 +56,7 @@ def test_a_task_that_dies_becomes_a_killed_row(tmp_path, monkeypatch):
 
         os._exit(1)  # the Ray worker process itself goes away, as when a node is lost
 
-    monkeypatch.setattr(cluster, "run_on_node", die)
+    monkeypatch.setattr(ray_executor, "run_on_node", die)
     summary = run_suite(suite, cells, RunOptions(results=tmp_path, ray="local"))
     assert [r["status"] for r in summary.rows] == ["killed"]
     assert "Ray task ended without a result" in summary.rows[0]["error"] and "died" in summary.rows[0]["error"]

@@ -171,14 +171,14 @@ def test_several_devices_run_one_cell_each_at_once(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("visible, device, expected", [(None, "cuda:1", "1"), (None, "cuda", "0"), ("4,6", "cuda:1", "6")])
 def test_each_gpu_worker_sees_only_its_gpu(monkeypatch, visible, device, expected):
-    from bench.runner import _child_env, _worker_device
+    from bench.cellproc import child_env, worker_device
 
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert _child_env(device)["CUDA_VISIBLE_DEVICES"] == expected
-    assert _worker_device(device) == "cuda:0" and _worker_device("cpu") == "cpu"
+    assert child_env(device)["CUDA_VISIBLE_DEVICES"] == expected
+    assert worker_device(device) == "cuda:0" and worker_device("cpu") == "cpu"
 
 
 class FakeNVML:
@@ -260,7 +260,7 @@ def test_a_lost_gpu_leaves_the_nvml_column_empty_instead_of_raising(monkeypatch)
      "RuntimeError: boom"),
     ("first\nlast", "last"), ("", "RuntimeError")])
 def test_error_text_is_the_last_line_that_says_what_happened(text, expected):
-    from bench.worker import message
+    from bench.status import message
 
     assert message(RuntimeError(text)) == expected
 
@@ -269,6 +269,6 @@ def test_error_text_is_the_last_line_that_says_what_happened(text, expected):
                                          (MemoryError(), "oom"), (RuntimeError("CUDA out of memory. Tried"), "oom"),
                                          (RuntimeError("shape mismatch"), "error")])
 def test_failures_are_classified(exc, status):
-    from bench.worker import classify
+    from bench.status import classify
 
     assert classify(exc) == status

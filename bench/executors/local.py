@@ -1,0 +1,93 @@
+"""The local executor: this machine's devices, one cell per device at a time (a thread each), every cell in its
+own process forked from a server that imported torch once (`bench/forkserver.py`), or a fresh interpreter
+where that cannot be (`BENCH_START_METHOD=subprocess`, not Linux)."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+from bench import cellproc, forkserver, status
+from bench.cellproc import Job, Outcome, Report
+from bench.suite import Cell
+from bench.worker import preload_modules
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, devices: Sequence[str]):
+        self.devices = tuple(devices)
+        self.fork = False
+
+    def __enter__(self) -> LocalExecutor:
+        self.fork = forkserver.wanted()  # a bad BENCH_START_METHOD is one error line before anything runs
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def run(self, jobs: Sequence[Job], report: Report) -> Iterator[tuple[Cell, Outcome]]:
+        """Each cell's outcome as it ends. A device takes its next cell only once the runner has recorded its last,
+        so each finished cell is on disk before the next starts; on Ctrl-C every cell process is killed and every
+        thread joined before this returns."""
+        if not jobs:
+            return
+        with _server(self.devices, jobs) if self.fork else contextlib.nullcontext() as server:
+            yield from _drain(jobs, self.devices, server, report)
+
+
+@contextlib.contextmanager
+def _server(devices: tuple[str, ...], jobs: Sequence[Job]) -> Iterator[forkserver.ForkServer]:
+    """The fork server for this run, started and waited for here, in the runner's own thread: its PDEATHSIG
+    follows the thread that started it, and a Ctrl-C during its imports stops the run at once."""
+    with forkserver.ForkServer(cellproc.child_env(devices[0]), preload_modules(j.cell.model for j in jobs)) as server:
+        server.wait_ready()
+        yield server
+
+
+def _drain(jobs: Sequence[Job], devices: tuple[str, ...], server, report: Report) -> Iterator[tuple[Cell, Outcome]]:
+    todo: queue.SimpleQueue[Job] = queue.SimpleQueue()
+    for job in jobs:
+        todo.put(job)
+    ended: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def serve(device: str) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    job = todo.get_nowait()
+                except queue.Empty:
+                    return
+                outcome = cellproc.run_cell(job, device, server, report, stop)
+                if outcome.status == status.INTERRUPTED:
+                    return
+                recorded = threading.Event()
+                ended.put((job.cell, outcome, recorded))
+                while not recorded.wait(0.2) and not stop.is_set():
+                    continue
+        except Exception as exc:  # noqa: BLE001 - re-raised in the runner's thread after the others stop
+            ended.put(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=serve, args=(d,), daemon=True) for d in devices]
+    for t in threads:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads) or not ended.empty():
+            try:
+                item = ended.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(item, Exception):
+                raise item
+            cell, outcome, recorded = item
+            yield cell, outcome
+            recorded.set()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

@@ -1,0 +1,117 @@
+"""The Ray executor: the suite's cells as Ray tasks on a cluster's GPUs, each still in its own process.
+
+The driver (`bench run --ray ADDRESS`) keeps what makes a run safe: the results folder, its lock, resume and every
+write. A task runs one cell on a node through the same cell process as a local run (`cellproc.run_cell`, the same
+limits and statuses; a fresh interpreter, not the fork server, as a Ray worker runs tasks for whoever asks) and
+sends the outcome back with the log. Datasets must be at the same `--data-root` path on every node (a shared file
+system): the driver prepares them once, up front, and the nodes never download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from bench import cellproc, measure, status
+from bench.cellproc import Job, Outcome, Report
+from bench.errors import BenchError
+from bench.suite import Cell
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, address: str):
+        self.address = address
+        self._session = session(address)
+
+    def __enter__(self) -> RayExecutor:
+        self._session.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._session.__exit__(*exc)
+
+    def run(self, jobs: Sequence[Job], report: Report) -> Iterator[tuple[Cell, Outcome]]:
+        """Each cell as a Ray task holding one GPU (or a node's worth of CPUs on a CPU-only cluster), its outcome
+        yielded as the task ends. Closing early cancels every task still pending (force: its Ray worker is killed,
+        and its cell process dies with it)."""
+        ray = _ray()
+        device, resources = _placement(ray)
+        task = ray.remote(max_retries=0, **resources)(run_on_node)  # a retry would be a silent second run
+        # The driver fetched what could be fetched: a node never downloads.
+        pending = {task.remote(dataclasses.replace(job, download=False), device): job.cell for job in jobs}
+        lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OwnerDiedError)
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                cell = pending.pop(done[0])
+                try:
+                    outcome = ray.get(done[0])
+                except lost as exc:  # the node or its Ray worker died under the cell: that cell's row says so
+                    outcome = cellproc.without_process("cpu", status.lost(), _first_line(exc))
+                    outcome.fields.update(device=device, hostname=None, gpu_name=None)  # not the driver's
+                    outcome.log = str(exc)
+                except ray.exceptions.RayTaskError as exc:  # bench itself failed on the node: every cell would
+                    raise BenchError(f"a Ray task failed on its node ({_first_line(exc)}); check that bench and its "
+                                     f"dependencies are installed there, in the driver's version") from None
+                yield cell, outcome
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+
+def run_on_node(job: Job, device: str) -> Outcome:
+    """The task body: one cell through the cell process, on whichever node Ray chose."""
+    outcome = cellproc.run_cell(job, device, None, lambda event: None, threading.Event())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if device.startswith("cuda") and visible.isdigit():  # the physical GPU Ray gave this task
+        outcome.fields.update(device=f"cuda:{visible}", gpu_count=measure.nvml_gpu_count() or outcome.fields.get("gpu_count"))
+    return outcome
+
+
+@contextmanager
+def session(address: str) -> Iterator[None]:
+    """Connected to the cluster at `address` ("local" starts a fresh instance here) for the duration."""
+    ray = _ray()
+    if ray.is_initialized():  # a caller's own session (a notebook, a test): use it, leave it running
+        yield
+        return
+    # BENCH_* settings (resident-loader limit, test hooks) reach the nodes' workers as they reach local ones.
+    env = {k: v for k, v in os.environ.items() if k.startswith("BENCH_")}
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
+    except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BenchError(f"--ray {address}: cannot connect to a Ray cluster ({first}); start one with `ray start "
+                         f"--head`, pass its address (auto, ray://HOST:10001), or use --ray local") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _placement(ray) -> tuple[str, dict]:
+    # Ray hands a task with num_gpus=1 one GPU through CUDA_VISIBLE_DEVICES: inside it that GPU is cuda:0.
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return "cuda:0", {"num_gpus": 1, "num_cpus": 1}
+    # Without GPUs a cell takes as many CPUs as the smallest worker node has, so it has a node to itself as
+    # it has the machine locally (on nodes of mixed sizes a big node may run two cells at once).
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    return "cpu", {"num_cpus": min(c for c in cpus if c > 0) if any(cpus) else 1}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"the Ray task ended without a result: {text.splitlines()[0] if text else type(exc).__name__}"
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise BenchError("--ray needs Ray, which is not installed; run `pip install 'bench[ray]'`") from None
+    return ray
