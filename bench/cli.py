@@ -161,23 +161,62 @@ def summary_table(rows: list[dict]) -> str:
 @main.command()
 @click.argument("suite", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--gpu", help="Estimate for this device class (h100, a100, l4, cpu ...) instead of this machine's.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
+              help="Earlier rows here calibrate the estimate.")
+@click.option("--estimate/--no-estimate", default=True, show_default=True, help="Estimate run time and memory risk.")
 @friendly
-def validate(suite, overrides):
-    """Check SUITE and print its expanded cells; runs nothing."""
+def validate(suite, overrides, gpu, results, estimate):
+    """Check SUITE, print its expanded cells and what they will cost; runs nothing."""
     import pandas as pd
 
     from bench import models as registry
+    from bench import validate as checks
 
     loaded, cells = _load(suite, overrides)
     frame = pd.DataFrame([{"id": c.id, **c.model_dump(exclude={"suite", "dataset"})} for c in cells])
     varying = ["id"] + [c for c in frame.columns if c != "id" and frame[c].astype(str).nunique() > 1]
     shown = varying if len(varying) > 1 else ["id", "model", "resolution", "batch_size", "freeze"]
+    cost = checks.estimate(cells, results=results, target=checks.target_device(gpu)) if estimate else None
+    if cost:
+        frame["est"] = [_duration(c.seconds) for c in cost.cells]
+        frame["basis"] = [c.basis for c in cost.cells]
+        frame["memory_risk"] = [c.memory_risk for c in cost.cells]
+        shown += ["est", "basis"] + (["memory_risk"] if frame["memory_risk"].ne("").any() else [])
     click.echo(frame[shown].to_string(index=False))
     click.echo("input recipes (from each model's weights; random-init cells use their architecture's default):")
     for model, weights in dict.fromkeys((c.model, c.weights) for c in cells):
         recipe = registry.input_recipe(model, weights)
         click.echo(f"  {model}{'.' + weights if weights else ''}: {recipe.describe()}  [{recipe.source}]")
+    if cost:
+        click.echo(_estimate_summary(cost))
     click.echo(f"suite {loaded.name} ({loaded.source}): {len(cells)} cells, dataset {loaded.dataset}, ok")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _estimate_summary(cost) -> str:
+    from collections import Counter
+
+    bases = Counter(c.basis.split(" (")[0].split(",")[0] for c in cost.cells)
+    fit = cost.fit
+    risky = [c for c in cost.cells if c.memory_risk]
+    lines = [
+        f"estimate on {cost.target.label}: {len(cost.cells)} cells, {_duration(cost.total_s)} in all "
+        f"({', '.join(f'{n} {basis}' for basis, n in bases.items())})",
+        f"  speed: {fit.step_s * 1000:.0f} ms per step or batch, {fit.flops_per_s / 1e9:,.0f} GFLOP/s of forward "
+        f"FLOPs, {fit.setup_s:.0f} s setup per cell; calibrated by {cost.calibration}",
+        "  rough: a cell's time is setup + steps x step time + FLOPs / rate; early stops (target_top1) are not foreseen",
+        f"memory risk: {len(risky)} cells" if risky else
+        "memory risk: none flagged (judged only from earlier rows of the same model on this device)",
+    ]
+    lines += [f"  {c.cell.id} {c.cell.model} {c.cell.resolution} px bs {c.cell.batch_size} freeze {c.cell.freeze_label}: "
+              f"{c.memory_risk}" for c in risky]
+    return "\n".join(lines)
 
 
 @main.command()
@@ -220,6 +259,19 @@ def report(results, out, run_id, suite, compare, fail_on_regression):
         click.echo(f"regression: {line}")
     if fail_on_regression and outcome.regressions:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@friendly
+def compact(results):
+    """Fold each finished run's cell files into one file per run, so a long history reads fast; keeps every row."""
+    from bench.store import ResultStore
+
+    done = ResultStore(results).compact()
+    for problem in done.problems:
+        click.echo(f"warning: {problem}", err=True)
+    click.echo(f"compacted {done.runs} runs ({done.files} files folded) in {results}/")
 
 
 @main.command()
