@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.errors import BenchError, SuiteError, close_matches
+from bench.errors import BenchError, ResolutionError, SuiteError, close_matches
 from bench.suite import Cell, Suite, expand
 
 
@@ -40,9 +40,11 @@ def resolve_cells(suite: Suite) -> list[Cell]:
             continue
         try:
             models.check_resolution(cell.model, cell.resolution, weights=cell.weights)
-        except BenchError as exc:
+        except ResolutionError as exc:
             raise SuiteError(f"{suite.source}: cell {cell.id}: {exc}; drop it with an exclude entry "
                              f"such as {{model: {cell.model.split(':', 1)[-1]}, resolution: {cell.resolution}}}") from None
+        except BenchError as exc:  # a weights file that does not fit, say: its own message names the fix
+            raise SuiteError(f"{suite.source}: cell {cell.id}: {exc}") from None
         checked.add(key)
     return cells
 

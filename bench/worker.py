@@ -101,7 +101,7 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
         stored_resolution=_stored_side(splits),
         trainable_params=backbone.trainable_params, total_params=backbone.total_params,
         frozen_layers=backbone.frozen_layers, total_layers=backbone.total_layers, weights=backbone.weights,
-        **backbone.recipe.row(),
+        **backbone.recipe.row(), **backbone.provenance(),
         flops_per_image=flops, setup_s=outcome.ready_at - STARTED, peak_vram_nvml_bytes=sampler.peak if sampler else None,
         peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **peaks,
         **measure.environment(device),
