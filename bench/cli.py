@@ -88,6 +88,8 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
 @click.option("--device", help="cpu, cuda or cuda:N (default: cuda:0 when there is one).")
 @click.option("--gpus", help="'all' or a list like 0,1: one cell per GPU at once.")
 @click.option("--rerun", is_flag=True, help="Run cells again even when they have a row (old rows are kept).")
+@click.option("--retry-failed", is_flag=True,
+              help="Run only the cells whose newest row is oom, killed, timeout, error or unavailable.")
 @click.option("--only", help="Run only cells whose id or model matches this glob, or FIELD=VALUE.")
 @click.option("--max-cells", type=click.IntRange(min=1), help="Run at most N cells this time.")
 @click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds after which a cell is stopped (status timeout).")
@@ -101,12 +103,14 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
 @click.option("--executor", type=click.Choice(["local", "ray", "slurm"]),
               help="Where cells run; ray means --ray auto, slurm the cluster's default partition (default: local).")
 @friendly
-def run(suite, results, data_root, device, gpus, rerun, only, max_cells, cell_timeout, max_host_mem, no_download,
-        overrides, ray_address, partition, executor):
+def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_cells, cell_timeout, max_host_mem,
+        no_download, overrides, ray_address, partition, executor):
     """Run every cell of SUITE (default: the embedded smoke suite) that has no result yet."""
     from bench.progress import Progress
-    from bench.runner import RunOptions, run_suite
+    from bench.runner import RunOptions, matches, run_suite
 
+    if rerun and retry_failed:
+        raise BenchError("--rerun runs every cell again and --retry-failed only the failed ones; pass one of them")
     ray_address, partition = _placement(executor, ray_address, partition)
     if (ray_address is not None or partition is not None) and (device or gpus):
         raise BenchError("--ray and --slurm give each cell a GPU of the cluster itself; drop --device and --gpus")
@@ -115,15 +119,18 @@ def run(suite, results, data_root, device, gpus, rerun, only, max_cells, cell_ti
     remote = ray_address is not None or partition is not None
     devices = ("cpu",) if remote else _default_devices(device, gpus)
     options = RunOptions(results=results, data_root=data_root, devices=devices, ray=ray_address, slurm=partition,
-                         rerun=rerun, only=only, max_cells=max_cells, cell_timeout_s=cell_timeout,
+                         rerun=rerun, retry_failed=retry_failed, only=only, max_cells=max_cells,
+                         cell_timeout_s=cell_timeout,
                          max_host_bytes=int(max_host_mem * 2**30) if max_host_mem else None,
                          download=not no_download)
     where = (f"Ray ({ray_address})" if ray_address is not None else f"SLURM ({partition or 'default partition'})"
              if partition is not None else ", ".join(options.devices))
-    click.echo(f"suite {loaded.name}: {len(cells)} cells on {where}; results in {results}/")
+    matching = f", {sum(matches(c, only) for c in cells)} matching --only {only}" if only else ""
+    click.echo(f"suite {loaded.name}: {len(cells)} cells{matching} on {where}; results in {results}/")
     with Progress() as progress:
         summary = run_suite(loaded, cells, options, progress.handle)
-    click.echo(f"run {summary.run_id}: {len(summary.rows)} cells run, {summary.skipped} already done")
+    left_out = "ok or never run" if retry_failed else "already done"
+    click.echo(f"run {summary.run_id}: {len(summary.rows)} cells run, {summary.skipped} {left_out}")
     if summary.rows:
         click.echo(summary_table(summary.rows))
     failed = [r for r in summary.rows if r["status"] != "ok"]

@@ -29,6 +29,7 @@ class RunOptions:
     data_root: Path | None = None
     devices: tuple[str, ...] = ("cpu",)
     rerun: bool = False
+    retry_failed: bool = False  # run only the cells whose newest row did not end ok
     only: str | None = None
     max_cells: int | None = None
     cell_timeout_s: float | None = None
@@ -60,13 +61,21 @@ def matches(cell: Cell, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(s, pattern) for s in (cell.id, cell.model, bare))
 
 
-def select(cells: list[Cell], done: set[str], options: RunOptions) -> tuple[list[Cell], int]:
-    """Cells still to run, in suite order; returns them and how many were skipped as already done."""
+def select(cells: list[Cell], store: ResultStore, suite: str, options: RunOptions) -> tuple[list[Cell], int]:
+    """Cells to run, in suite order (of those `--only` matches): the ones without a row, every one with
+    `--rerun`, or with `--retry-failed` the ones whose newest row is not ok. Returns them and how many of the
+    matching cells were left out as done."""
     chosen = [c for c in cells if options.only is None or matches(c, options.only)]
-    todo = chosen if options.rerun else [c for c in chosen if c.id not in done]
-    if options.max_cells is not None:
-        todo = todo[: options.max_cells]
-    return todo, len(chosen) - len([c for c in chosen if c.id not in done or options.rerun])
+    if options.retry_failed:
+        latest = store.latest_statuses(suite)
+        wanted = [c for c in chosen if latest.get(c.id, status.OK) != status.OK]
+    elif options.rerun:
+        wanted = chosen
+    else:
+        done = store.done_cell_ids(suite)
+        wanted = [c for c in chosen if c.id not in done]
+    todo = wanted[: options.max_cells] if options.max_cells is not None else wanted
+    return todo, len(chosen) - len(wanted)
 
 
 def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Callable[[dict], None] = lambda e: None) -> RunSummary:
@@ -86,7 +95,7 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
     # The executor connects before the folder is locked (a bad address changes nothing), and stops its cells
     # (closing `outcomes`) before it is unlocked, so no cell runs on behind a later run's back.
     with executors.create(options.devices, ray=options.ray, slurm=options.slurm) as executor, store.lock():
-        todo, summary.skipped = select(cells, store.done_cell_ids(suite.name), options)
+        todo, summary.skipped = select(cells, store, suite.name, options)
         report({"kind": "suite", "total": len(todo), "skipped": summary.skipped})
         options = dataclasses.replace(options, stored_resolutions=stored_resolutions(cells))
         missing = _missing_datasets(todo, options)

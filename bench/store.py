@@ -119,6 +119,16 @@ class ResultStore:
         rows = _scan(_files([self.root / suite], "cells"), "cells", ["status"], [])
         return set(rows.loc[rows["status"] != "unavailable", "cell_id"]) if not rows.empty else set()
 
+    def latest_statuses(self, suite: str) -> dict[str, str]:
+        """Each recorded cell's status in its newest row (by finish time, then run id): what `--retry-failed`
+        looks at, so a cell that failed once and then ran ok is not run again."""
+        rows = _scan(_files([self.root / suite], "cells"), "cells", ["status", "finished_at"], [])
+        if rows.empty:
+            return {}
+        rows = rows.sort_values(["finished_at", "run_id"], na_position="first", kind="stable")
+        latest = rows.drop_duplicates("cell_id", keep="last")
+        return dict(zip(latest["cell_id"], latest["status"]))
+
     def write(self, row: dict, epochs: list[dict]) -> Path:
         """Write one cell's row and its epoch table; the row is renamed into place last (it marks 'done')."""
         unknown = set(row) - set(CELL_COLUMNS)

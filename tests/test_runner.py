@@ -63,6 +63,22 @@ def test_second_run_skips_done_cells_and_rerun_keeps_old_rows(tmp_path):
     assert len(rows) == 2 and rows["run_id"].nunique() == 2  # nothing recorded is overwritten
 
 
+def test_retry_failed_reruns_exactly_the_cells_whose_newest_row_failed(tmp_path, monkeypatch):
+    suite = tiny_suite("retry", [0, 1, 2, 3])
+    cells = expand(suite)
+    monkeypatch.setenv("BENCH_FAULTS", json.dumps({cells[1].id: "raise", cells[2].id: "raise"}))
+    first = run_suite(suite, cells[:3], RunOptions(results=tmp_path))  # cells[3] never runs
+    assert [r["status"] for r in first.rows] == ["ok", "error", "error"]
+    monkeypatch.setenv("BENCH_FAULTS", json.dumps({cells[2].id: "raise"}))  # cell 1 is fixed, cell 2 is not
+    second = run_suite(suite, cells, RunOptions(results=tmp_path, retry_failed=True))
+    assert {r["cell_id"]: r["status"] for r in second.rows} == {cells[1].id: "ok", cells[2].id: "error"}
+    assert second.skipped == 2  # the ok cell and the one that never ran
+    monkeypatch.delenv("BENCH_FAULTS")
+    third = run_suite(suite, cells, RunOptions(results=tmp_path, retry_failed=True))
+    assert [r["cell_id"] for r in third.rows] == [cells[2].id] and third.rows[0]["status"] == "ok"
+    assert run_suite(suite, cells, RunOptions(results=tmp_path, retry_failed=True)).rows == []
+
+
 def test_only_and_max_cells_narrow_a_run(tmp_path):
     suite = tiny_suite("narrow", [0, 1, 2])
     cells = expand(suite)
