@@ -2,7 +2,7 @@
 per second, on the 60,000 real CIFAR-10 JPEGs (32 x 32, stored at their own 32 px) and on a generated folder
 of larger non-square JPEGs (640 x 480 and 480 x 640, stored at 224 px: short-side resize + centre crop).
 
-    python -m benchmarks.decode_images [--repeats N] [--large-images N]
+    python -m benchmarks.decode_images [--repeats N] [--large-images N] [--no-cifar]
 
 Runs are interleaved (1 thread, pool, 1 thread, ...) and each figure is the median, so a neighbour's load on
 a shared machine falls on both sides alike. The files are read once before timing: the page cache is warm
@@ -75,13 +75,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large-images", type=int, default=300)
+    parser.add_argument("--cifar", action=argparse.BooleanOptionalAction, default=True,
+                        help="include the 60,000 real CIFAR-10 images (about 20 s per repeat on 2 idle cores)")
     args = parser.parse_args()
     load = os.getloadavg()
     rows = []
-    cifar = cifar_folder()
-    if cifar is None:
+    cifar = cifar_folder() if args.cifar else None
+    if args.cifar and cifar is None:
         print("real CIFAR-10 images not found (../shared/assets/cifar10-jpg.tar.gz): that row is skipped")
-    else:
+    elif cifar is not None:
         rows += measure("CIFAR-10 JPEG 32x32", imagefolder.list_folder(cifar).all_paths(), 32, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         paths = generated_folder(Path(tmp), args.large_images)
