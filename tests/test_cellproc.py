@@ -80,8 +80,8 @@ def test_cells_fork_from_the_server_or_start_fresh_and_rows_say_which(tmp_path, 
     fresh = run_suite(suite, expand(suite), RunOptions(results=tmp_path, rerun=True, only="seed=1")).rows
     assert [r["start_method"] for r in forked] == ["forkserver", "forkserver"]
     assert [r["start_method"] for r in fresh] == ["subprocess"] and {r["status"] for r in forked + fresh} == {"ok"}
-    # The first forked cell waits for the server's imports; the next one starts in well under a second.
-    assert forked[1]["start_s"] < 1.0 < fresh[0]["start_s"], (forked[1]["start_s"], fresh[0]["start_s"])
+    # The server imports once, before the first cell is launched; a forked cell starts in well under a second.
+    assert max(r["start_s"] for r in forked) < 1.0 < fresh[0]["start_s"], [r["start_s"] for r in forked + fresh]
     assert forked[1]["torch_threads"] == fresh[0]["torch_threads"]
     assert all(0 < r["peak_host_pss_bytes"] <= r["peak_host_rss_bytes"] for r in forked + fresh)
     monkeypatch.setenv("BENCH_START_METHOD", "vfork")

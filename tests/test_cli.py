@@ -116,7 +116,11 @@ def test_models_lists_a_pattern(tmp_path):
 @pytest.mark.parametrize("args, expected", [(["--device", "bogus"], "not a device"), (["--device", "cuda:7"], "not on this machine"),
                                             (["--gpus", "x"], "CUDA"), (["--max-cells", "0"], "max-cells"),
                                             (["--set", "batch_sise=3"], "did you mean: batch_size"),
-                                            (["--ray", "local", "--gpus", "all"], "drop --device and --gpus")])
+                                            (["--ray", "local", "--gpus", "all"], "drop --device and --gpus"),
+                                            (["--slurm", "local", "--device", "cpu"], "drop --device and --gpus"),
+                                            (["--ray", "local", "--slurm", "gpu"], "pass one of them"),
+                                            (["--executor", "local", "--ray", "local"], "contradicts --ray"),
+                                            (["--slurm", "gpu"], "sbatch is not on this machine's PATH")])
 def test_bad_run_options_fail_with_one_line(tmp_path, args, expected):
     out = bench("run", *args, "--results", str(tmp_path / "r"), cwd=tmp_path)
     assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr

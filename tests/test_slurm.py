@@ -18,8 +18,9 @@ SMOKE = Path(__file__).resolve().parent.parent / "suites" / "smoke.yaml"
 
 def test_the_smoke_suite_runs_as_jobs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_SLURM_FOLDER", str(tmp_path / "jobs"))
-    # The inference measurement adds 4 s a cell and nothing this test checks.
-    suite = apply_overrides(load_suite(SMOKE), ["infer_bench=off"])
+    # The smoke suite's four cells, one epoch each and without the inference measurement (4 s a cell): a job is a
+    # fresh process that imports torch, and the jobs run one at a time, so this keeps the test near a minute.
+    suite = apply_overrides(load_suite(SMOKE), ["infer_bench=off", "epochs=1"])
     cells = expand(suite)
     options = RunOptions(results=tmp_path / "results", slurm="local")
     summary = run_suite(suite, cells, options)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,7 @@ from bench.cellproc import Job, Outcome, Report
 from bench.errors import BenchError
 from bench.suite import Cell
 
-POLL_S = 1.0
+POLL_S = {True: 0.2, False: 5.0}  # local: a process poll; SLURM: submitit asks sacct, which a cluster rations
 _SLACK_MIN = 10  # a job's time limit is its cell's plus this, for the job's own start and the worker's imports
 _DAY_MIN = 24 * 60  # a job's time limit when its cell has none
 
@@ -41,6 +42,9 @@ class SlurmExecutor:
 
     def __enter__(self) -> SlurmExecutor:
         submitit = _submitit()
+        if not self.local and shutil.which("sbatch") is None:
+            raise BenchError(f"--slurm {self.partition}: SLURM's sbatch is not on this machine's PATH; run bench on a "
+                             f"login node of the cluster, or try the jobs here with --slurm local")
         folder = os.path.join(os.environ.get("BENCH_SLURM_FOLDER", "bench-slurm"), "%j")
         self._executor = submitit.AutoExecutor(folder=folder, cluster="local" if self.local else "slurm")
         return self
@@ -60,15 +64,23 @@ class SlurmExecutor:
             while waiting or running:
                 while waiting and len(running) < window:
                     job = waiting.pop(0)
-                    running[self._executor.submit(run_on_node, job, self.device)] = job.cell
+                    running[self._submit(job)] = job.cell
                 finished = [j for j in running if j.done()]
                 if not finished:
-                    time.sleep(POLL_S)
+                    time.sleep(POLL_S[self.local])
                 for submitted in finished:
                     yield running.pop(submitted), self._outcome(submitted)
         finally:
             for submitted in running:
                 submitted.cancel(check=False)
+
+    def _submit(self, job: Job):
+        try:
+            return self._executor.submit(run_on_node, job, self.device)
+        except _submitit().core.utils.FailedSubmissionError as exc:
+            first = (str(exc).strip().splitlines() or ["no message"])[-1]
+            raise BenchError(f"SLURM refused a job ({first}); check the partition and BENCH_SLURM_PARAMETERS "
+                             f"(an account or QOS the cluster asks for)") from None
 
     def _parameters(self, jobs: Sequence[Job]) -> dict:
         limits = [j.timeout_s for j in jobs]
