@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["harness_overhead", "loader_throughput", "host_ram", "feature_cache"]
+BENCHMARKS = ["harness_overhead", "loader_throughput", "host_ram", "feature_cache", "start_time"]
 
 
 def main() -> int:
