@@ -50,6 +50,10 @@ class ResultsError(BenchError):
     """The results folder cannot be used (locked by another run, unreadable, ...)."""
 
 
+class ReportError(BenchError):
+    """A report option is malformed (a budget such as --max-vram 8GiB, a margin, an export format)."""
+
+
 def close_matches(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ' (did you mean: a, b?)' for the closest choices, or '' when none is close."""
     found = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)

@@ -6,9 +6,13 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from bench.errors import ResultsError
 from bench.report.compare import regression_lines
 from bench.report.context import ReportData, make_context
+from bench.report.fmt import Section
+from bench.report.recommend import Budget
 from bench.report.render import Header, render
 from bench.report.sections import SECTIONS
 from bench.report.select import provenance, select_rows
@@ -21,29 +25,58 @@ class ReportOutcome:
     html: Path
     pngs: list[Path]
     regressions: list[str]  # one human line per flagged regression
-    problems: list[str]  # skipped files (from the store) and warnings (mixed machines or versions)
+    problems: list[str]  # skipped files (from the store), warnings (mixed machines or versions), failed plots
     rows: int  # cells shown
 
 
-def build_report(results: Path, out: Path, *, run: str | None = None, suite: str | None = None,
-                 compare: str | None = None, regression_threshold: float = 0.01,
-                 speed_regression_threshold: float = 0.10) -> ReportOutcome:
-    """Build the report from the latest row per cell (or one run / suite) and compare with an earlier run.
+@dataclass(frozen=True)
+class Loaded:
+    data: ReportData
+    problems: list[str]  # unreadable files the store skipped
+    cells: pd.DataFrame  # every row the store read, all runs
 
-    Unreadable files never stop it: they are listed in the report and in `problems`.
-    """
-    results, out = Path(results), Path(out)
+
+def load(results: Path, *, run: str | None = None, suite: str | None = None, compare: str | None = None,
+         regression_threshold: float = 0.01, speed_regression_threshold: float = 0.10,
+         budget: Budget | None = None) -> Loaded:
+    """Everything a report is built from: the latest row per cell (or one run / suite), folded and chosen."""
     read = ResultStore(results).read()
     if read.cells.empty:
         skipped = f" ({len(read.problems)} unreadable files skipped)" if read.problems else ""
         raise ResultsError(f"no results in {results}{skipped}; run `bench run SUITE` first")
     selection = select_rows(read.cells, read.epochs, str(results), run=run, suite=suite, compare=compare)
-    data = make_context(selection, top1_drop=regression_threshold, speed_drop=speed_regression_threshold)
+    data = make_context(selection, top1_drop=regression_threshold, speed_drop=speed_regression_threshold,
+                        budget=budget)
+    return Loaded(data, read.problems, read.cells)
+
+
+def build_report(results: Path, out: Path, *, run: str | None = None, suite: str | None = None,
+                 compare: str | None = None, regression_threshold: float = 0.01,
+                 speed_regression_threshold: float = 0.10, budget: Budget | None = None) -> ReportOutcome:
+    """Build the report from the latest row per cell (or one run / suite) and compare with an earlier run.
+
+    Unreadable files never stop it: they are listed in the report and in `problems`. Nor does a plot or a section
+    that raises: it becomes one line in the report and in `problems`, and the rest is written.
+    """
+    results, out = Path(results), Path(out)
+    loaded = load(results, run=run, suite=suite, compare=compare, regression_threshold=regression_threshold,
+                  speed_regression_threshold=speed_regression_threshold, budget=budget)
+    data = loaded.data
     machine, warnings = provenance(data.current)
     regressions = regression_lines(data.comparison)
-    sections = [make(data) for make in SECTIONS.values()]
-    markdown, html, pngs = render(out, _header(data, results, machine), sections, regressions, warnings, read.problems)
-    return ReportOutcome(markdown, html, pngs, regressions, read.problems + warnings, len(data.current))
+    sections = [_section(key, make, data) for key, make in SECTIONS.items()]
+    failures = [item.note for s in sections for kind, item in s.blocks if kind == "plot" and item.failed]
+    failures += [item for s in sections for kind, item in s.blocks if kind == "failure"]
+    markdown, html, pngs = render(out, _header(data, results, machine), sections, regressions, warnings, loaded.problems)
+    return ReportOutcome(markdown, html, pngs, regressions, loaded.problems + warnings + failures, len(data.current))
+
+
+def _section(key: str, make, data: ReportData) -> Section:
+    try:
+        return make(data)
+    except Exception as exc:  # one section must not take the report down: the line names the error, problems list it
+        message = " ".join(str(exc).split())[:300]
+        return Section(key, key).add("failure", f"section {key} skipped: {type(exc).__name__}: {message}")
 
 
 def _header(data: ReportData, results: Path, machine: dict[str, str]) -> Header:
@@ -56,4 +89,15 @@ def _header(data: ReportData, results: Path, machine: dict[str, str]) -> Header:
         runs=[(str(s), str(r), int(n)) for s, r, n in runs.itertuples(index=False)],
         cells=len(data.current),
         machine=machine,
+        summary=_summary(data),
     )
+
+
+def _summary(data: ReportData) -> str:
+    """'NVIDIA H100 80GB HBM3, torch 2.4.0', or 'CPU (Intel ...)': where the numbers come from, in a few words."""
+    current = data.current
+    gpus = sorted(current["gpu_name"].dropna().astype(str).unique())
+    cpus = sorted(current["cpu_model"].dropna().astype(str).unique()) if "cpu_model" in current else []
+    where = ", ".join(gpus) if gpus else "CPU" + (f" ({', '.join(cpus)})" if cpus else "")
+    torch = sorted(current["torch_version"].dropna().astype(str).unique())
+    return where + (f", torch {', '.join(torch)}" if torch else "")

@@ -9,6 +9,7 @@ import seaborn as sns
 
 from bench.report import stats, tables
 from bench.report.compare import compare_runs
+from bench.report.recommend import Advice, Budget, advise
 from bench.report.select import Selection
 
 
@@ -32,6 +33,9 @@ class ReportData:
     palette: dict[str, tuple[float, float, float]]  # model -> colour, the same in every plot
     top1_drop: float
     speed_drop: float
+    axes: list[str]  # the config axes that vary among trained configs (beyond model and suite)
+    budget: Budget
+    advice: Advice  # the recommendations, from the leaderboard within the budget
 
 
 def model_palette(models: list[str]) -> dict[str, tuple[float, float, float]]:
@@ -41,7 +45,8 @@ def model_palette(models: list[str]) -> dict[str, tuple[float, float, float]]:
     return dict(zip(names, colours))
 
 
-def make_context(selection: Selection, *, top1_drop: float, speed_drop: float) -> ReportData:
+def make_context(selection: Selection, *, top1_drop: float, speed_drop: float,
+                 budget: Budget | None = None) -> ReportData:
     current = selection.current
     ok = current["status"] == "ok"
     throughput = current["mode"] == "throughput"
@@ -54,8 +59,9 @@ def make_context(selection: Selection, *, top1_drop: float, speed_drop: float) -
                                  for _, r in configs.iterrows()]
     # A config whose seeds partly failed shows it next to n, so a mean over fewer seeds is not mistaken for all.
     failed = current[~ok].groupby(tables.GROUP).size().rename("n_failed")
-    configs = configs.join(failed, on=tables.GROUP).fillna({"n_failed": 0})
+    configs = configs.join(failed, on=tables.GROUP).fillna({"n_failed": 0}).astype({"n_failed": int})
     leaderboard = stats.versus_best(tables.fold_sweeps(configs, config), trained)
+    budget = budget or Budget()
     return ReportData(
         current=current, trained=trained, failed=current[~ok], configs=configs, leaderboard=leaderboard,
         speed=tables.speed_table(speed_rows, config), epochs=selection.epochs,
@@ -63,5 +69,6 @@ def make_context(selection: Selection, *, top1_drop: float, speed_drop: float) -
         baseline_runs=selection.baseline_runs, config=config, extra=extra,
         tuned=[c for c in config if c in tables.TUNED],
         palette=model_palette(list(current["model"].dropna().astype(str))),
-        top1_drop=top1_drop, speed_drop=speed_drop,
+        top1_drop=top1_drop, speed_drop=speed_drop, axes=tables.axes(configs, config), budget=budget,
+        advice=advise(leaderboard, trained, budget),
     )

@@ -27,6 +27,19 @@ class Table:
         return self.css[i] if i < len(self.css) else ""
 
 
+@dataclass
+class Section:
+    """One part of the report; both renderers walk its blocks in order."""
+
+    key: str
+    title: str
+    blocks: list[tuple[str, object]] = field(default_factory=list)  # ("table", Table) | ("plot", Plot) | ("note", str)
+
+    def add(self, kind: str, item: object) -> Section:
+        self.blocks.append((kind, item))
+        return self
+
+
 def _missing(value: object) -> bool:
     try:
         return value is None or bool(pd.isna(value))
@@ -80,6 +93,22 @@ def rate(value: object) -> str:
     return DASH if _missing(value) else f"{float(value):,.0f}"
 
 
+def ms(value: object) -> str:
+    """Latencies: 0.42 ms, 3.1 ms, 120 ms."""
+    if _missing(value):
+        return DASH
+    v = float(value)
+    return f"{v:.2f} ms" if v < 1 else f"{v:.1f} ms" if v < 100 else f"{v:,.0f} ms"
+
+
+def hours(value: object) -> str:
+    """Device-hours: enough digits to tell a CPU smoke run's 0.0011 from zero."""
+    if _missing(value):
+        return DASH
+    v = float(value)
+    return f"{v:.2f}" if v >= 10 else f"{v:.3g}"
+
+
 def gflops(value: object) -> str:
     return DASH if _missing(value) else f"{float(value) / 1e9:.2f}"
 
@@ -100,7 +129,8 @@ def one_line(value: object, limit: int = 400) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-UNITS: dict[str, Callable[[object], str]] = {"pct": pct, "seconds": seconds, "bytes": nbytes, "rate": rate, "text": text}
+UNITS: dict[str, Callable[[object], str]] = {"pct": pct, "seconds": seconds, "bytes": nbytes, "rate": rate, "text": text,
+                                             "ms": ms, "hours": hours}
 
 # A column spec: header, how to get the text from a row, right-aligned?
 Column = tuple[str, Callable[[pd.Series], str], bool]

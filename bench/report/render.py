@@ -30,6 +30,7 @@ class Header:
     runs: list[tuple[str, str, int]]  # suite, run id, cells it provides
     cells: int
     machine: dict[str, str]
+    summary: str = ""  # the machine in a few words, for the first lines
 
 
 def md(value: object) -> str:

@@ -6,25 +6,13 @@ Both renderers (Markdown and HTML) walk the same sections, so the two files alwa
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pandas as pd
 
-from bench.report import fmt, stats, tables
+from bench.report import advice, fmt, stats, tables
 from bench.report.context import ReportData
+from bench.report.fmt import Section
 from bench.report.plots import make_plots
-
-
-@dataclass
-class Section:
-    key: str
-    title: str
-    blocks: list[tuple[str, object]] = field(default_factory=list)  # ("table", Table) | ("plot", Plot) | ("note", str)
-
-    def add(self, kind: str, item: object) -> Section:
-        self.blocks.append((kind, item))
-        return self
-
 
 VAL = "val top-1 % (selects)"
 TEST = "test top-1 % (reported)"
@@ -47,9 +35,16 @@ def _metrics(prefix: list[fmt.Column]) -> list[fmt.Column]:
         ("p (Holm)", lambda r: _p(r["p_holm"]), True),
         ("test top-5 %", lambda r: fmt.pct(r["top5_mean"]), True),
         ("train time", lambda r: fmt.seconds(r["train_s_mean"]), True),
+        ("device-hours", lambda r: f"{fmt.hours(r['train_hours'])} {r['train_device']}-h"
+         if pd.notna(r["train_hours"]) else fmt.DASH, True),
         ("images/s", lambda r: fmt.rate(r["images_per_s_mean"]), True),
+        ("latency batch 1 (p50)", lambda r: fmt.ms(r["infer_latency_ms_p50"]), True),
+        ("latency p95", lambda r: fmt.ms(r["infer_latency_ms_p95"]), True),
+        ("inference images/s", lambda r: fmt.rate(r["infer_images_per_s"]), True),
+        ("weights", lambda r: fmt.nbytes(r["model_bytes"]), True),
         ("peak VRAM", lambda r: fmt.nbytes(r["peak_vram_allocated_bytes"]), True),
         ("VRAM for training", lambda r: fmt.nbytes(r["peak_vram_train_bytes"]), True),
+        ("inference VRAM", lambda r: fmt.nbytes(r["infer_peak_vram_bytes"]), True),
         ("peak host RAM", lambda r: fmt.nbytes(r["peak_host_rss_bytes"]), True),
         ("trainable params", lambda r: fmt.count(r["trainable_params"]), True),
         ("total params", lambda r: fmt.count(r["total_params"]), True),
@@ -259,11 +254,13 @@ _AGG_NOTE = {"chosen": "test top-1 of the config with the best validation mean o
 
 def pivots(data: ReportData) -> Section:
     section = Section("pivots", "Along each axis")
-    for spec in tables.PIVOTS:
-        # A choice is made among the leaderboard's rows (each backbone config at its chosen tuned values);
-        # means and peaks are over every config run.
-        source = data.leaderboard if spec.agg == "chosen" else data.configs
-        values = source[spec.columns].dropna().astype(str).unique() if not source.empty else []
+    if not data.axes and not data.leaderboard.empty:
+        section.add("note", "No config axis varies beyond the model: the leaderboard is the whole comparison.")
+    for spec in [*tables.accuracy_pivots(data.axes), *tables.PIVOTS]:
+        # A choice is made among the leaderboard's rows (each backbone config at its chosen tuned values), or among
+        # every config for a tuned axis; means and peaks are over every config run.
+        source = data.leaderboard if spec.agg == "chosen" and spec.columns not in tables.TUNED else data.configs
+        values = source[spec.columns].astype(str).unique() if not source.empty else []
         if len(values) < 2:
             section.add("note", f"{spec.title}: skipped, one {spec.columns} only ({', '.join(values) or 'none'}).")
             continue
@@ -277,7 +274,7 @@ def pivots(data: ReportData) -> Section:
 
 def _pivot_table(table: pd.DataFrame, spec: tables.PivotSpec, source: pd.DataFrame) -> fmt.Table:
     show = fmt.UNITS[spec.unit]
-    heads = [f"{spec.columns} {fmt.text(c)}" for c in table.columns]
+    heads = [f"{spec.columns} {c}" for c in table.columns]
     rows = [[fmt.text(idx)] + [show(v) for v in row] for idx, row in zip(table.index, table.to_numpy())]
     note = f"Each value: {_AGG_NOTE[spec.agg]}."
     if spec.agg == "chosen" and source["val_mean"].isna().any():
@@ -315,6 +312,6 @@ def _when(value: object) -> str:
 
 # The section registry, in report order.
 SECTIONS: dict[str, Callable[[ReportData], Section]] = {
-    "leaderboard": leaderboard, "sweep": sweep, "failed": failed, "speed": speed, "comparison": comparison,
-    "pivots": pivots, "plots": plots, "cells": cells,
+    "recommend": advice.recommend, "leaderboard": leaderboard, "per_class": advice.per_class, "sweep": sweep,
+    "failed": failed, "speed": speed, "comparison": comparison, "pivots": pivots, "plots": plots, "cells": cells,
 }

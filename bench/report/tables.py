@@ -84,10 +84,21 @@ def config_table(rows: pd.DataFrame, config: list[str]) -> pd.DataFrame:
         "peak_vram_train_bytes": ("peak_vram_train_bytes", "max"), "data_device_bytes": ("data_device_bytes", "max"),
         "peak_host_rss_bytes": ("peak_host_rss_bytes", "max"),
         "trainable_params": ("trainable_params", "first"), "total_params": ("total_params", "first"),
-        "flops_per_image": ("flops_per_image", "first"),
+        "flops_per_image": ("flops_per_image", "first"), "train_images": ("train_images", "first"),
+        # Serving cost, measured on each trained cell: rates and latencies are means over seeds, bytes the largest.
+        "infer_images_per_s": ("infer_images_per_s", "mean"),
+        "infer_latency_ms_p50": ("infer_latency_ms_p50", "mean"),
+        "infer_latency_ms_p95": ("infer_latency_ms_p95", "mean"),
+        "infer_peak_vram_bytes": ("infer_peak_vram_bytes", "max"), "model_bytes": ("model_bytes", "max"),
+        "on_gpu": ("_on_gpu", "max"),
+        "gpu_name": ("gpu_name", "first"),
         "cell_ids": ("cell_id", lambda ids: ", ".join(sorted(ids))),
     }
-    return by_validation(_fold(rows, aggs))
+    configs = _fold(rows.assign(_on_gpu=rows["device"].astype(str).str.startswith("cuda") | rows["gpu_name"].notna()), aggs)
+    # One cell holds one device for its train time: device-hours are GPU-hours on a GPU, CPU-hours on a CPU.
+    configs["train_hours"] = configs["train_s_mean"].astype(float) / 3600
+    configs["train_device"] = np.where(configs["on_gpu"].astype(bool), "GPU", "CPU")
+    return by_validation(configs.drop(columns="on_gpu"))
 
 
 def by_validation(configs: pd.DataFrame) -> pd.DataFrame:
@@ -187,13 +198,9 @@ class PivotSpec:
     unit: str  # how fmt renders the value: pct, seconds, bytes, rate
 
 
-# The pivot registry, in report order. Accuracy is the test score of the config validation chooses over the other
-# axes (what a user would pick); time is a mean over them; memory the largest peak (what a user must provision for).
+# The fixed pivots of cost by batch size. Time is a mean over the other settings; memory the largest peak (what a
+# user must provision for). Accuracy pivots are made per axis that varies (`accuracy_pivots`).
 PIVOTS = (
-    PivotSpec("top1_model_resolution", "Test top-1 (%) by model and resolution, config chosen by validation",
-              "model", "resolution", "top1_mean", "chosen", "pct"),
-    PivotSpec("top1_model_freeze", "Test top-1 (%) by model and freeze depth, config chosen by validation",
-              "model", "freeze", "top1_mean", "chosen", "pct"),
     PivotSpec("train_s_model_batch", "Train time by model and batch size", "model", "batch_size",
               "train_s_mean", "mean", "seconds"),
     PivotSpec("ips_model_batch", "Images/s by model and batch size", "model", "batch_size",
@@ -203,17 +210,63 @@ PIVOTS = (
 )
 
 
+def axes(configs: pd.DataFrame, config: list[str]) -> list[str]:
+    """The config axes a report shows accuracy along: every config column but suite and model that varies."""
+    return varying(configs, [c for c in config if c not in ("suite", "model")])
+
+
+def accuracy_pivots(axes: list[str]) -> list[PivotSpec]:
+    """One pivot per axis: the test top-1 of the config validation chooses over the other axes (what a user
+    would pick), by model and that axis."""
+    return [PivotSpec(f"top1_model_{a}", f"Test top-1 (%) by model and {a}, config chosen by validation",
+                      "model", a, "top1_mean", "chosen", "pct") for a in axes]
+
+
+# What an unset axis value means, for the axes where it means something ("all" the training images).
+UNSET = {"train_subset": "all", "test_subset": "all", "steps": "no cap", "target_top1": "none", "weights": "default"}
+
+
+def axis_labels(values: pd.Series, axis: str) -> tuple[pd.Series, list[str]]:
+    """An axis's values as text labels (an unset value named, never dropped), and their order: freeze depths
+    from none to all, numbers by value, then text, unset last."""
+    unset = UNSET.get(axis, "unset")
+    labels = pd.Series([unset if _missing(v) else _label(v) for v in values], index=values.index, dtype=object)
+    firsts = dict(zip(labels, values))
+
+    def key(label: str) -> tuple:
+        if label == unset and _missing(firsts[label]):
+            return (3, 0.0, label)
+        if axis == "freeze":
+            return (0, *freeze_key(label))
+        try:
+            return (1, float(firsts[label]), label)
+        except (TypeError, ValueError):
+            return (2, 0.0, label)
+
+    return labels, sorted(set(labels), key=key)
+
+
+def _missing(value: object) -> bool:
+    return value is None or (not isinstance(value, (list, tuple, np.ndarray)) and bool(pd.isna(value)))
+
+
+def _label(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def pivot(configs: pd.DataFrame, spec: PivotSpec) -> pd.DataFrame:
     """The pivot of config rows; empty when the value was never measured."""
     chosen = spec.agg == "chosen"
     data = (best_per(configs, [spec.index, spec.columns]) if chosen else configs).dropna(subset=[spec.value])
     if data.empty:
         return pd.DataFrame()
-    table = data.pivot_table(index=spec.index, columns=spec.columns, values=spec.value,
-                             aggfunc="first" if chosen else spec.agg, observed=True)
-    if spec.columns == "freeze":
-        table = table[sorted(table.columns, key=freeze_key)]
-    return table.sort_index()
+    labels, order = axis_labels(data[spec.columns], spec.columns)
+    table = data.assign(**{spec.columns: labels}).pivot_table(
+        index=spec.index, columns=spec.columns, values=spec.value, aggfunc="first" if chosen else spec.agg,
+        observed=True)
+    return table[[c for c in order if c in table.columns]].sort_index()
 
 
 def pareto_front(cost: np.ndarray, gain: np.ndarray) -> np.ndarray:
@@ -227,11 +280,11 @@ def pareto_front(cost: np.ndarray, gain: np.ndarray) -> np.ndarray:
     return front
 
 
-def pareto_rows(configs: pd.DataFrame) -> pd.DataFrame:
-    """The configs on the validation-accuracy / train-time front, fastest first, numbered 1.. as the plot labels
+def pareto_rows(configs: pd.DataFrame, cost: str = "train_s_mean") -> pd.DataFrame:
+    """The configs on the validation-accuracy / `cost` front, cheapest first, numbered 1.. as the plot labels
     them. The front is a choice, so validation draws it; configs without validation accuracy are not on it."""
-    g = configs.dropna(subset=["val_mean", "train_s_mean"])
-    front = g[pareto_front(g["train_s_mean"].to_numpy(dtype=float), g["val_mean"].to_numpy(dtype=float))]
-    front = front.sort_values(["train_s_mean", "val_mean"], ascending=[True, False], kind="stable").reset_index(drop=True)
+    g = configs.dropna(subset=["val_mean", cost])
+    front = g[pareto_front(g[cost].to_numpy(dtype=float), g["val_mean"].to_numpy(dtype=float))]
+    front = front.sort_values([cost, "val_mean"], ascending=[True, False], kind="stable").reset_index(drop=True)
     return front.assign(front_no=range(1, len(front) + 1))
 

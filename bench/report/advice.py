@@ -1,0 +1,231 @@
+"""The report's answer to "which should I pick?" (its first section) and the per-class view of that pick.
+
+The choices are made in `recommend` (on validation, within the budget); here they become words and tables.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from bench.report import fmt, perclass
+from bench.report.context import ReportData
+from bench.report.fmt import Section
+from bench.report.plots import make_plots
+from bench.report.recommend import LIMITS, QUESTIONS, Advice
+
+VAL = "val top-1 % (selects)"
+TEST = "test top-1 % (reported)"
+MAX_TIES = 8  # ties named in the text; the leaderboard marks every one
+
+
+def describe(row: pd.Series, extra: list[str]) -> str:
+    """A config in words: 'resnet18 at 128 px, batch 32, fine-tuned end to end, lr 0.01'."""
+    parts = [f"{row['model']} at {fmt.text(row['resolution'])} px", f"batch {fmt.text(row['batch_size'])}",
+             _freeze_words(str(row["freeze"]))]
+    parts += [_field_words(c, row[c]) for c in extra if c in row.index]
+    suite = f"{row['suite']}: " if "suite" in extra else ""
+    return suite + ", ".join(p for p in parts if p)
+
+
+def _freeze_words(freeze: str) -> str:
+    if freeze == "none":
+        return "fine-tuned end to end"
+    if freeze == "all":
+        return "linear probe (backbone frozen)"
+    if freeze.lstrip("-").isdigit():
+        return f"last {freeze} layers trained"
+    try:
+        return f"first {100 * float(freeze):.0f}% of the backbone frozen"
+    except ValueError:
+        return f"freeze {freeze}"
+
+
+def _field_words(column: str, value: object) -> str:
+    if column == "suite":
+        return ""
+    if column == "train_subset":
+        return "all training images" if pd.isna(value) else f"{int(value):,} training images"
+    if column == "epochs" and pd.notna(value):
+        return f"{fmt.text(value)} epochs"
+    if column == "pretrained" and pd.notna(value):
+        return "pretrained" if bool(value) else "from scratch"
+    return f"{column} {fmt.text(value)}"
+
+
+def _hours(row: pd.Series) -> str:
+    return f"{fmt.hours(row['train_hours'])} {row['train_device']}-h"
+
+
+def _cost(key: str, row: pd.Series, best: pd.Series) -> str:
+    """The figures a pick wins on, and how far it improves on the best pick."""
+    if key == "best":
+        figures = [f"train {fmt.seconds(row['train_s_mean'])} ({_hours(row)})"]
+        if pd.notna(row["infer_latency_ms_p50"]):
+            figures.append(f"{fmt.ms(row['infer_latency_ms_p50'])} at batch 1")
+        if pd.notna(row["total_params"]):
+            figures.append(f"{fmt.count(row['total_params'])} params")
+        return ", ".join(figures)
+    if key == "cheapest":
+        text, ratio = f"train {fmt.seconds(row['train_s_mean'])} ({_hours(row)})", _ratio(best, row, "train_s_mean")
+    elif key == "fastest":
+        text = (f"{fmt.ms(row['infer_latency_ms_p50'])} at batch 1 (p95 {fmt.ms(row['infer_latency_ms_p95'])}), "
+                f"{fmt.rate(row['infer_images_per_s'])} images/s at batch {fmt.text(row['batch_size'])}")
+        ratio = _ratio(best, row, "infer_latency_ms_p50")
+    else:
+        vram = f", {fmt.nbytes(row['peak_vram_train_bytes'])} training VRAM" if pd.notna(row["peak_vram_train_bytes"]) else ""
+        text = f"{fmt.count(row['total_params'])} params, {fmt.nbytes(row['model_bytes'])} of weights{vram}"
+        ratio = _ratio(best, row, "total_params")
+    if row["group_id"] == best["group_id"]:
+        return f"{text}; the best pick itself"
+    return f"{text}; {ratio:.1f}x less than the best pick" if ratio and ratio >= 1.05 else text
+
+
+def _ratio(best: pd.Series, row: pd.Series, column: str) -> float | None:
+    mine, theirs = row[column], best[column]
+    return float(theirs) / float(mine) if pd.notna(mine) and pd.notna(theirs) and float(mine) > 0 else None
+
+
+def _question(key: str, advice: Advice) -> str:
+    title = next(q.title for q in QUESTIONS if q.key == key)
+    return title if key == "best" else f"{title} (within {advice.budget.within_pts:g} pt)"
+
+
+def recommend(data: ReportData) -> Section:
+    section = Section("recommend", "Which should I pick?")
+    advice = data.advice
+    if data.leaderboard.empty:
+        return section.add("note", "No cell finished training successfully, so there is nothing to recommend yet.")
+    if advice.ranked == 0:
+        return section.add("note", "No config has validation accuracy (val_fraction 0, or none recorded): choosing "
+                                   "among them would mean choosing on test, so nothing is recommended.")
+    if advice.best is None:
+        return _nothing_meets(section, data)
+    best = advice.best
+    columns = [
+        ("question", lambda r: _question(r["question"], advice), False),
+        ("pick", lambda r: describe(r, data.extra), False),
+        (VAL, lambda r: fmt.pct(r["val_mean"], r["val_std"]), True),
+        (TEST, lambda r: fmt.pct(r["top1_mean"], r["top1_std"]), True),
+        ("what it costs", lambda r: _cost(r["question"], r, best), False),
+        ("config id", lambda r: fmt.text(r["group_id"]), False),
+    ]
+    section.add("lead", f"Pick {_named(data, best)}: the best validation top-1, {fmt.pct(best['val_mean'])}%; "
+                        f"test {fmt.pct(best['top1_mean'])}%." + _lead_ties(advice))
+    section.add("table", fmt.table("", advice.picks, columns, css=lambda r: "near" if r["question"] == "best" else ""))
+    for line in filter(None, [_ties_note(data), *_unanswered(advice), _budget_note(data), _datasets(data),
+                              _rules(advice)]):
+        section.add("note", line)
+    return section
+
+
+def _lead_ties(advice: Advice) -> str:
+    n = len(advice.ties)
+    return f" {n} other config{'s are' if n > 1 else ' is'} as good within noise (below)." if n else ""
+
+
+def _named(data: ReportData, row: pd.Series) -> str:
+    return f"{describe(row, data.extra)} ({row['group_id']})"
+
+
+def _ties_note(data: ReportData) -> str:
+    ties, best = data.advice.ties, data.advice.best
+    if ties.empty:
+        seeds = "" if best["n"] > 1 else " (one seed: no spread over seeds to judge a tie by)"
+        return f"No other config is within noise of the best pick{seeds}."
+    parts = []
+    for rule, words in (("McNemar", "not significantly worse on the same test images (McNemar, Holm-corrected; "
+                                    "≈ best in the leaderboard)"),
+                        ("one std", "within one standard deviation over seeds on validation (no paired test data)")):
+        rows = ties[ties["tie_rule"] == rule]
+        if len(rows):
+            named = "; ".join(_named(data, r) for _, r in rows.head(MAX_TIES).iterrows())
+            more = f"; and {len(rows) - MAX_TIES} more" if len(rows) > MAX_TIES else ""
+            parts.append(f"{words}: {named}{more}")
+    return f"As good as the best pick, within noise ({len(ties)}): " + ". ".join(parts) + "."
+
+
+def _unanswered(advice: Advice) -> list[str]:
+    why = {"fastest": "no config within the margin recorded its inference latency (infer_bench off, or rows from "
+                      "before bench measured it)",
+           "smallest": "no config within the margin recorded its parameter count",
+           "cheapest": "no config within the margin recorded its train time"}
+    return [f"{_question(key, advice).capitalize()}: {why.get(key, reason)}." for key, reason in advice.unanswered.items()]
+
+
+def _datasets(data: ReportData) -> str:
+    ranked = data.leaderboard[data.leaderboard["rank"].notna()]
+    names = sorted(ranked["dataset"].dropna().astype(str).unique()) if "dataset" in ranked else []
+    if len(names) < 2:
+        return ""
+    return (f"These configs ran on {len(names)} datasets ({', '.join(names)}), ranked together: pass --suite to "
+            "choose among the configs of one.")
+
+
+def _limits_text(advice: Advice) -> str:
+    units = {"max_vram_bytes": fmt.nbytes, "max_latency_ms": fmt.ms, "max_train_hours": lambda h: f"{h:g} h"}
+    return ", ".join(f"{limit.what} ≤ {units[limit.option](value)} ({limit.flag})" for limit, value in advice.budget.limits())
+
+
+def _budget_note(data: ReportData) -> str:
+    advice = data.advice
+    if not advice.budget.limits():
+        return ""
+    text = f"Budget: {_limits_text(advice)}. {advice.eligible} of {advice.ranked} ranked configs meet it."
+    first = data.leaderboard.iloc[0]
+    if advice.best["group_id"] != first["group_id"]:
+        text += f" It leaves out the overall #1, {_named(data, first)}, at {fmt.pct(first['val_mean'])}% validation."
+    return text
+
+
+def _nothing_meets(section: Section, data: ReportData) -> Section:
+    advice = data.advice
+    text = f"No config meets the budget ({_limits_text(advice)}); nothing is recommended."
+    units = {"max_vram_bytes": fmt.nbytes, "max_latency_ms": fmt.ms, "max_train_hours": lambda h: f"{h:.3g} h"}
+    if advice.closest is not None:
+        row = advice.closest
+        misses = []
+        for limit, _ in advice.budget.limits():
+            if limit.option in advice.excess:
+                shown = units[limit.option](row[limit.column])
+                ratio = advice.excess[limit.option]
+                misses.append(f"{limit.what} {shown} ({'meets it' if ratio <= 1 else f'{ratio:.2f}x the limit'})")
+        text += (f" The closest is {_named(data, row)}: {', '.join(misses)}; validation "
+                 f"{fmt.pct(row['val_mean'])}%, test {fmt.pct(row['top1_mean'])}%.")
+    for column in advice.unknown:
+        limit = next(lm for lm in LIMITS if lm.column == column)
+        text += (f" No config recorded {column} ({limit.what}; CPU runs record no VRAM), so none is known to meet "
+                 f"{limit.flag}.")
+    return section.add("note", text).add("note", _rules(advice))
+
+
+def _rules(advice: Advice) -> str:
+    within = f"{advice.budget.within_pts:g}"
+    return (f"How these are chosen: on validation top-1 (mean over seeds), among the leaderboard's configs "
+            f"{'that meet the budget' if advice.budget.limits() else '(no budget given)'}; test is reported, never "
+            f"used to choose. Best accuracy: the highest validation mean. The others: among configs whose validation "
+            f"mean is within {within} pt of the best pick's (--within), the least train time (device-hours = train "
+            f"time x 1 device), the lowest median latency at batch 1 (then the highest throughput), the fewest "
+            f"parameters (then the smallest weights and training VRAM); ties go to the higher validation mean.")
+
+
+def per_class(data: ReportData) -> Section:
+    section = Section("per_class", "Per class: the recommended config")
+    found = perclass.classes(data)
+    if isinstance(found, str):
+        section.add("note", f"No per-class view: {found}.")
+    else:
+        rows = perclass.worst(found)
+        columns = [
+            ("class", lambda r: fmt.text(r["class"]), False),
+            ("test top-1 % (class)", lambda r: fmt.pct(r["top1"]), True),
+            ("most often predicted instead", lambda r: r["mistaken_for"] or fmt.DASH, False),
+            ("share of the class", lambda r: fmt.pct(r["mistaken_share"]), True),
+            ("test images", lambda r: fmt.text(round(r["images"], 1)), True),
+        ]
+        note = (f"{describe(found.config, data.extra)} ({found.config['group_id']}), {found.why}: the "
+                f"{len(rows)} classes it gets most wrong on the test set, from its {found.seeds} seed(s)' confusion "
+                "matrices summed (test images: per seed).")
+        section.add("table", fmt.table("Classes it gets most wrong", rows, columns, note))
+    for plot in make_plots(data, "per_class"):
+        section.add("plot", plot)
+    return section
