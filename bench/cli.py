@@ -1,4 +1,4 @@
-"""The `bench` command: run, report, validate, models, env, fetch. Parsing and printing only."""
+"""The `bench` command: run, report, results, validate, models, env, fetch. Parsing and printing only."""
 
 from __future__ import annotations
 
@@ -253,12 +253,22 @@ def models(pattern):
 @click.option("--suite", help="Report this suite only.")
 @click.option("--compare", help="Compare with this run id (default: the previous run of the suite).")
 @click.option("--fail-on-regression", is_flag=True, help="Exit 1 when a regression is flagged (for CI).")
+@click.option("--within", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Accuracy points (validation) a cheaper, faster or smaller pick may lose against the best.")
+@click.option("--max-vram", metavar="SIZE", help="Recommend only configs whose training VRAM fits, e.g. 8GiB, 512MiB.")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Recommend only configs this fast at batch 1 (median latency, ms).")
+@click.option("--max-train-hours", type=click.FloatRange(min=0, min_open=True),
+              help="Recommend only configs that train within this many GPU-hours (CPU-hours on a CPU).")
 @friendly
-def report(results, out, run_id, suite, compare, fail_on_regression):
+def report(results, out, run_id, suite, compare, fail_on_regression, within, max_vram, max_latency_ms, max_train_hours):
     """Build reports/leaderboard.md and reports/leaderboard.html from the results folder."""
     from bench.report import build_report
+    from bench.report.recommend import Budget, parse_size
 
-    outcome = build_report(results, out, run=run_id, suite=suite, compare=compare)
+    budget = Budget(within_pts=within, max_vram_bytes=parse_size(max_vram) if max_vram else None,
+                    max_latency_ms=max_latency_ms, max_train_hours=max_train_hours)
+    outcome = build_report(results, out, run=run_id, suite=suite, compare=compare, budget=budget)
     for problem in outcome.problems:
         click.echo(f"warning: {problem}", err=True)
     click.echo(f"wrote {outcome.markdown} and {outcome.html} ({outcome.rows} cells, {len(outcome.pngs)} plots)")
@@ -266,6 +276,35 @@ def report(results, out, run_id, suite, compare, fail_on_regression):
         click.echo(f"regression: {line}")
     if fail_on_regression and outcome.regressions:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--suite", help="This suite only.")
+@click.option("--run", "run_id", help="This run id only.")
+@click.option("--format", "form", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="table: runs and cells; csv or json: the leaderboard's numbers (raw: fractions, seconds, bytes).")
+@click.option("--out", type=click.Path(path_type=Path), help="Write to this file instead of the terminal.")
+@friendly
+def results(results, suite, run_id, form, out):
+    """List the runs and cells of a results folder, or export the leaderboard as CSV or JSON."""
+    from bench.report import export
+    from bench.report.build import load
+
+    loaded = load(results, run=run_id, suite=suite)
+    for problem in loaded.problems:
+        click.echo(f"warning: {problem}", err=True)
+    if form == "table":
+        runs = export.runs_frame(loaded.cells, run=run_id, suite=suite)
+        text = export.table_text(runs, export.cells_frame(loaded.data))
+    else:
+        board = export.leaderboard_frame(loaded.data)
+        text = export.to_csv(board) if form == "csv" else export.to_json(board)
+    if out:
+        out.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {out}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command()
