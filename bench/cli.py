@@ -93,7 +93,7 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
 @click.option("--only", help="Run only cells whose id or model matches this glob, or FIELD=VALUE.")
 @click.option("--max-cells", type=click.IntRange(min=1), help="Run at most N cells this time.")
 @click.option("--cell-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds after which a cell is stopped (status timeout).")
-@click.option("--max-host-mem", type=click.FloatRange(min=0, min_open=True), help="GiB of host RAM a cell's processes may use (status oom past it).")
+@click.option("--max-host-mem", type=click.FloatRange(min=0, min_open=True), help="GiB of host RAM (PSS) a cell's processes may use (status oom past it).")
 @click.option("--no-download", is_flag=True, help="Never try to download datasets.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--ray", "ray_address", metavar="ADDRESS",
@@ -158,7 +158,7 @@ def summary_table(rows: list[dict]) -> str:
     frame = pd.DataFrame(rows)
     cols = {"cell_id": "cell", "model": "model", "resolution": "res", "batch_size": "bs", "freeze": "freeze",
             "seed": "seed", "status": "status", "top1": "top1", "train_s": "train_s", "images_per_s": "img/s",
-            "peak_host_rss_bytes": "host_MiB", "peak_vram_allocated_bytes": "vram_MiB"}
+            "peak_host_pss_bytes": "host_MiB", "peak_vram_allocated_bytes": "vram_MiB"}
     frame = frame.reindex(columns=list(cols)).rename(columns=cols)
     for col in ("host_MiB", "vram_MiB"):
         frame[col] = (frame[col].astype("float64") / 2**20).round(0)

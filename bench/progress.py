@@ -17,7 +17,8 @@ def describe(row: dict) -> str:
     parts = [f"top1 {row['top1']:.3f}" if row.get("top1") is not None else None,
              f"train {row['train_s']:.1f}s" if row.get("train_s") is not None else None,
              f"{row['images_per_s']:.0f} img/s" if row.get("images_per_s") else None,
-             f"host {row['peak_host_rss_bytes'] / 2**30:.2f} GiB" if row.get("peak_host_rss_bytes") else None,
+             f"host {host / 2**30:.2f} GiB" if (host := row.get("peak_host_pss_bytes") or row.get("peak_host_rss_bytes"))
+             else None,
              f"vram {row['peak_vram_allocated_bytes'] / 2**30:.2f} GiB" if row.get("peak_vram_allocated_bytes") else None]
     return f"{what}: ok, " + ", ".join(p for p in parts if p)
 
