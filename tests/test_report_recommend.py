@@ -109,7 +109,7 @@ def test_ties_by_mcnemar_and_by_one_std(results):
     assert {back[g]: rule for g, rule in zip(ties["group_id"], ties["tie_rule"])} == {"B": "McNemar", "F": "one std"}
 
 
-def test_budget_filters_and_moves_the_best(results):
+def test_budget_filters_and_moves_the_best(results, tmp_path, monkeypatch):
     root, groups = results
     advice = load(root, budget=Budget(max_vram_bytes=parse_size("8GiB"))).data.advice
     assert advice.eligible == 4 and advice.ranked == 6  # A (9 GiB) and F (20 GiB) do not fit
@@ -117,6 +117,11 @@ def test_budget_filters_and_moves_the_best(results):
         "best": "B", "cheapest": "C", "fastest": "C", "smallest": "D"}
     # McNemar again, now against B: C is worse on test, D and E have no paired data and one seed.
     assert advice.ties.empty
+    monkeypatch.setattr(report_plots, "PLOTS", {})
+    markdown = build_report(root, tmp_path / "out", budget=Budget(max_vram_bytes=8 * GIB)).markdown.read_text()
+    assert (f"**Within your budget (training VRAM ≤ 8.00 GiB (--max-vram)), pick resnet50 at 224 px, batch 128, "
+            f"fine-tuned end to end ({groups['B']}): the best validation top-1, 89.50%; test 89.00%.**") in markdown
+    assert "4 of 6 ranked configs meet it. It leaves out the overall #1, convnext_tiny" in markdown
     within_hour = picks(root, Budget(max_train_hours=0.1))  # 360 s: C (300 s) and E (50 s)
     assert names(groups, within_hour) == {"best": "C", "cheapest": "C", "fastest": "C", "smallest": "C"}
     assert names(groups, picks(root, Budget(max_latency_ms=5, within_pts=5))) == {
@@ -136,8 +141,8 @@ def test_a_budget_nothing_meets_names_the_closest(results, tmp_path, monkeypatch
     assert out.exit_code == 0, out.output
     markdown = (tmp_path / "rep" / "leaderboard.md").read_text()
     section = markdown[markdown.index("## Which should I pick?"):markdown.index("## Leaderboard")]
-    assert ("No config meets the budget (training VRAM ≤ 512 MiB (--max-vram), latency at batch 1 (median) ≤ 2.0 ms "
-            "(--max-latency-ms)); nothing is recommended.") in section
+    assert ("**No config meets your budget (training VRAM ≤ 512 MiB (--max-vram), latency at batch 1 (median) ≤ "
+            "2.0 ms (--max-latency-ms)), so nothing is recommended.**") in section
     assert "The closest is mobilenet_v2 at 128 px, batch 128, linear probe (backbone frozen)" in section
     assert groups["E"] in section
     assert "2.00x the limit" in section and "meets it" in section

@@ -109,7 +109,8 @@ def recommend(data: ReportData) -> Section:
         ("what it costs", lambda r: _cost(r["question"], r, best), False),
         ("config id", lambda r: fmt.text(r["group_id"]), False),
     ]
-    section.add("lead", f"Pick {_named(data, best)}: the best validation top-1, {fmt.pct(best['val_mean'])}%; "
+    within = f"Within your budget ({_limits_text(advice)}), pick" if advice.budget.limits() else "Pick"
+    section.add("lead", f"{within} {_named(data, best)}: the best validation top-1, {fmt.pct(best['val_mean'])}%; "
                         f"test {fmt.pct(best['top1_mean'])}%." + _lead_ties(advice))
     section.add("table", fmt.table("", advice.picks, columns, css=lambda r: "near" if r["question"] == "best" else ""))
     for line in filter(None, [_ties_note(data), *_unanswered(advice), _budget_note(data), _datasets(data),
@@ -162,7 +163,7 @@ def _datasets(data: ReportData) -> str:
 
 
 def _limits_text(advice: Advice) -> str:
-    units = {"max_vram_bytes": fmt.nbytes, "max_latency_ms": fmt.ms, "max_train_hours": lambda h: f"{h:g} h"}
+    units = {"max_vram_bytes": fmt.nbytes, "max_latency_ms": fmt.ms, "max_train_hours": lambda h: f"{h:g} device-h"}
     return ", ".join(f"{limit.what} ≤ {units[limit.option](value)} ({limit.flag})" for limit, value in advice.budget.limits())
 
 
@@ -179,23 +180,31 @@ def _budget_note(data: ReportData) -> str:
 
 def _nothing_meets(section: Section, data: ReportData) -> Section:
     advice = data.advice
-    text = f"No config meets the budget ({_limits_text(advice)}); nothing is recommended."
-    units = {"max_vram_bytes": fmt.nbytes, "max_latency_ms": fmt.ms, "max_train_hours": lambda h: f"{h:.3g} h"}
+    section.add("lead", f"No config meets your budget ({_limits_text(advice)}), so nothing is recommended.")
+    text = ""
     if advice.closest is not None:
         row = advice.closest
         misses = []
         for limit, _ in advice.budget.limits():
             if limit.option in advice.excess:
-                shown = units[limit.option](row[limit.column])
                 ratio = advice.excess[limit.option]
-                misses.append(f"{limit.what} {shown} ({'meets it' if ratio <= 1 else f'{ratio:.2f}x the limit'})")
-        text += (f" The closest is {_named(data, row)}: {', '.join(misses)}; validation "
-                 f"{fmt.pct(row['val_mean'])}%, test {fmt.pct(row['top1_mean'])}%.")
+                misses.append(f"{limit.what} {_value(limit.option, row)} "
+                              f"({'meets it' if ratio <= 1 else f'{ratio:.2f}x the limit'})")
+        text = (f"The closest is {_named(data, row)}: {', '.join(misses)}; validation {fmt.pct(row['val_mean'])}%, "
+                f"test {fmt.pct(row['top1_mean'])}%.")
     for column in advice.unknown:
         limit = next(lm for lm in LIMITS if lm.column == column)
         text += (f" No config recorded {column} ({limit.what}; CPU runs record no VRAM), so none is known to meet "
                  f"{limit.flag}.")
-    return section.add("note", text).add("note", _rules(advice))
+    return section.add("note", text.strip()).add("note", _rules(advice))
+
+
+def _value(option: str, row: pd.Series) -> str:
+    if option == "max_vram_bytes":
+        return fmt.nbytes(row["peak_vram_train_bytes"])
+    if option == "max_latency_ms":
+        return fmt.ms(row["infer_latency_ms_p50"])
+    return f"{_hours(row)} ({fmt.seconds(row['train_s_mean'])})"
 
 
 def _rules(advice: Advice) -> str:
@@ -222,10 +231,13 @@ def per_class(data: ReportData) -> Section:
             ("share of the class", lambda r: fmt.pct(r["mistaken_share"]), True),
             ("test images", lambda r: fmt.text(round(r["images"], 1)), True),
         ]
-        note = (f"{describe(found.config, data.extra)} ({found.config['group_id']}), {found.why}: the "
-                f"{len(rows)} classes it gets most wrong on the test set, from its {found.seeds} seed(s)' confusion "
-                "matrices summed (test images: per seed).")
-        section.add("table", fmt.table("Classes it gets most wrong", rows, columns, note))
+        who = f"{describe(found.config, data.extra)} ({found.config['group_id']}), {found.why}"
+        if rows.empty:
+            section.add("note", f"{who}: every test image of every class right ({found.seeds} seed(s)).")
+        else:
+            note = (f"{who}: the {len(rows)} of {len(found.names)} classes it gets most wrong on the test set, from "
+                    f"its {found.seeds} seed(s)' confusion matrices summed (test images: per seed).")
+            section.add("table", fmt.table("Classes it gets most wrong", rows, columns, note))
     for plot in make_plots(data, "per_class"):
         section.add("plot", plot)
     return section

@@ -58,7 +58,7 @@ def classes(data: ReportData) -> Classes | str:
 
 def worst(found: Classes, limit: int = 10) -> pd.DataFrame:
     """The classes with the lowest test accuracy (recall, from the summed matrix), each with the class it is most
-    often mistaken for and that mistake's share of the class; lowest first."""
+    often mistaken for and that mistake's share of the class; lowest first, and only classes it gets wrong at all."""
     m = found.matrix
     totals = m.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -72,4 +72,5 @@ def worst(found: Classes, limit: int = 10) -> pd.DataFrame:
         "mistaken_for": [found.names[j] if mistakes[i] > 0 else "" for i, j in enumerate(confused)],
         "mistaken_share": np.where((totals > 0) & (mistakes > 0), mistakes / np.where(totals > 0, totals, 1), np.nan),
     })
-    return frame.sort_values(["top1", "class"], na_position="last", kind="stable").head(limit).reset_index(drop=True)
+    wrong = frame[~(frame["top1"] >= 1)]  # a class it gets all right is not among the most wrong
+    return wrong.sort_values(["top1", "class"], na_position="last", kind="stable").head(limit).reset_index(drop=True)
