@@ -89,6 +89,16 @@ def test_cells_fork_from_the_server_or_start_fresh_and_rows_say_which(tmp_path, 
         forkserver.wanted()
 
 
+@pytest.mark.gpu
+@linux_only
+def test_a_forked_cell_gets_its_own_cuda_context(tmp_path):
+    # The server never initialises CUDA, so a child forked from it can; its row is a GPU row like any other.
+    suite = tiny_suite("gpu-fork", [0, 1])
+    rows = run_suite(suite, expand(suite), RunOptions(results=tmp_path, devices=("cuda:0",))).rows
+    assert [(r["status"], r["start_method"], r["device"]) for r in rows] == [("ok", "forkserver", "cuda:0")] * 2, rows
+    assert all(r["peak_vram_allocated_bytes"] > 0 and r["gpu_name"] for r in rows)
+
+
 @linux_only
 def test_a_forked_cell_dies_with_a_runner_killed_with_sigkill(tmp_path):
     (tmp_path / "s.yaml").write_text(json.dumps({"name": "orphan", "dataset": "synthetic",
