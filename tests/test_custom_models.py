@@ -156,8 +156,6 @@ def test_py_model_through_validate_run_and_report(tmp_path, monkeypatch):
     outcome = build_report(tmp_path / "results", tmp_path / "reports")
     assert outcome.rows == 1 and "py:mine.py:make" in outcome.markdown.read_text()
     stored = ResultStore(tmp_path / "results").read().cells.iloc[0]
-    if pd.isna(stored["model_source_sha256"]):
-        pytest.xfail("the worker does not put Backbone.provenance() on the row yet")
     assert stored["model_source_sha256"] == hashlib.sha256(NET.encode()).hexdigest()
 
 

@@ -110,7 +110,6 @@ def test_study_cpu_variant_runs(cpu_runs, name):
 # Rows record each model's input statistics (`input_mean`, lists) under the names of the cell fields that override
 # them; until the report leaves list columns out of its config grouping, rows with different statistics (the CNN's
 # CIFAR statistics beside ImageNet's) fail to fold. XPASS here means it has been fixed: drop the mark.
-@pytest.mark.xfail(raises=TypeError, strict=False, reason="bench/report/tables.py groups on list-valued input_mean")
 def test_study_cpu_variants_reach_the_report(cpu_runs, tmp_path):
     from bench.report import build_report
 

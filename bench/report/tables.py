@@ -23,7 +23,9 @@ from bench.suite import CELL_FIELDS
 # Always shown: the axes a transfer-learning grid is usually built from.
 KEY_CONFIG = ["model", "resolution", "batch_size", "freeze"]
 # Never config columns: identity, the seed (folded), and how-to-run fields that do not change results.
-NOT_CONFIG = {"suite", "seed", "cell_timeout_s", "mode", "throughput_warmup_steps", "throughput_steps"}
+NOT_CONFIG = {"suite", "seed", "cell_timeout_s", "mode", "throughput_warmup_steps", "throughput_steps",
+              # rows hold the resolved recipe (lists) under the cell's override fields' names: derived, not chosen
+              "input_mean", "input_std"}
 OTHER_CONFIG = [c for c in CELL_FIELDS if c not in NOT_CONFIG and c not in KEY_CONFIG]
 GROUP = ["suite", "group_id"]
 # Hyperparameters a suite sweeps to tune a backbone, not axes a user compares. A sweep over them folds into one
