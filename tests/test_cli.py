@@ -50,6 +50,10 @@ def test_smoke_report_lists_every_cell_in_both_files(smoke):
         assert cell_id in md and cell_id in html
     assert "<img" in html and "data:image/png;base64," in html
     assert list((work / "reports").glob("*.png"))
+    # The first section answers the question, above the leaderboard, in both files.
+    for text in (md, html):
+        assert "Which should I pick?" in text and text.index("Which should I pick?") < text.index("Leaderboard")
+    assert "skipped: " not in md.split("Which should I pick?")[1].split("Leaderboard")[0]
 
 
 def test_second_run_redoes_nothing_and_adds_no_rows(smoke):
