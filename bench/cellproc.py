@@ -25,6 +25,7 @@ from bench.forkserver import FORKSERVER, SUBPROCESS, ForkServer, Forked
 from bench.suite import Cell
 
 Report = Callable[[dict], None]
+SAVED_FILES = ("model.safetensors", "model.json")  # what a worker leaves with `save_model` (bench/saved.py)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Outcome:
     fields: dict = field(default_factory=dict)
     epochs: list[dict] = field(default_factory=list)
     log: str | None = None  # None: no process of ours ran the cell
+    files: dict[str, bytes] = field(default_factory=dict)  # the trained model, with `save_model` (bench/saved.py)
 
 
 def run_cell(job: Job, device: str, server: ForkServer | None, report: Report, stop: threading.Event) -> Outcome:
@@ -62,14 +64,17 @@ def run_cell(job: Job, device: str, server: ForkServer | None, report: Report, s
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-cell-") as tmp:
         spec, result, log = Path(tmp) / "spec.json", Path(tmp) / "result.json", Path(tmp) / "stderr.log"
-        spec.write_text(json.dumps(job.spec(device)))
+        spec.write_text(json.dumps({**job.spec(device), "model_dir": tmp}))
         with open(log, "w") as err:
             launched = time.clock_gettime(time.CLOCK_MONOTONIC)
             child, method = _start(server, spec, result, child_env(device), err)
             ending, memory, ready = _supervise(child, job, report, stop)
         reported = json.loads(result.read_text()) if result.is_file() else None
         log_text = log.read_text(errors="replace")
+        kept = {name: (Path(tmp) / name).read_bytes() for name in SAVED_FILES if (Path(tmp) / name).is_file()}
     outcome = _outcome(reported, ending, device, log_text)
+    if outcome.status == status.OK:
+        outcome.files = kept
     outcome.fields.update(wall_s=time.perf_counter() - t0, peak_host_rss_bytes=memory.rss_peak or None,
                           peak_host_pss_bytes=memory.pss_peak or None, start_method=method,
                           start_s=ready - launched if ready is not None else None,

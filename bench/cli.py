@@ -1,4 +1,4 @@
-"""The `bench` command: run, report, results, validate, models, env, fetch. Parsing and printing only."""
+"""The `bench` command: run, report, results, validate, models, predict, env, fetch. Parsing and printing only."""
 
 from __future__ import annotations
 
@@ -318,6 +318,20 @@ def compact(results):
     for problem in done.problems:
         click.echo(f"warning: {problem}", err=True)
     click.echo(f"compacted {done.runs} runs ({done.files} files folded) in {results}/")
+
+
+@main.command()
+@click.argument("model_file", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image.")
+@friendly
+def predict(model_file, images, top):
+    """Classify IMAGES with a model a cell saved (save_model: best | all), e.g. results/SUITE/models/best.safetensors."""
+    from bench.saved import predict as classify
+
+    for found in classify(model_file, list(images), top=top):
+        guesses = ", ".join(f"{name} {100 * p:.1f}%" for name, p in found.top)
+        click.echo(f"{found.path}: {guesses}")
 
 
 @main.command()

@@ -89,6 +89,8 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
         if outcome.log is not None:
             store.log_path(suite.name, cell.id, summary.run_id).write_text(outcome.log)
         store.write(row, outcome.epochs)
+        if outcome.files and cell.save_model != "none":
+            store.keep_model(suite.name, cell.id, summary.run_id, outcome.files, cell.save_model, row.get("val_top1_best"))
         summary.rows.append(row)
         report({"kind": "cell_done", "row": row})
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -45,7 +46,7 @@ CELL_COLUMNS: dict[str, pa.DataType] = {
     "augment": _str, "val_fraction": _f64, "train_subset": _i64, "test_subset": _i64, "seed": _i64,
     "target_top1": _f64, "restore_best": _bool, "mode": _str, "throughput_warmup_steps": _i64,
     "throughput_steps": _i64,
-    "feature_cache": _str, "infer_bench": _str, "infer_budget_s": _f64, "cell_timeout_s": _f64, "cell_json": _str,
+    "feature_cache": _str, "infer_bench": _str, "infer_budget_s": _f64, "save_model": _str, "cell_timeout_s": _f64, "cell_json": _str,
     # data and model as built
     "num_classes": _i64, "train_images": _i64, "val_images": _i64, "test_images": _i64,
     "loader": _str, "stored_resolution": _i64, "input_mean": pa.list_(_f64), "input_std": pa.list_(_f64),
@@ -118,6 +119,24 @@ class ResultStore:
         rows in a compacted run file count like loose cell files."""
         rows = _scan(_files([self.root / suite], "cells"), "cells", ["status"], [])
         return set(rows.loc[rows["status"] != "unavailable", "cell_id"]) if not rows.empty else set()
+
+    def keep_model(self, suite: str, cell_id: str, run_id: str, files: dict[str, bytes], mode: str,
+                   val_top1: float | None) -> Path | None:
+        """Keep a cell's trained model under `SUITE/models/`: every one as `CELL--RUN.*` (`all`), or only the one
+        with the best validation top-1 so far as `best.*` (`best`, replaced atomically when a later cell beats it).
+        Returns the weights file written, or None when the model was not kept."""
+        folder = self.root / suite / "models"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{cell_id}--{run_id}" if mode == "all" else "best"
+        if mode == "best":
+            previous = folder / "best.json"
+            best = json.loads(previous.read_text()).get("val_top1_best") if previous.is_file() else None
+            if val_top1 is None or (best is not None and val_top1 <= best):
+                return None
+        # The JSON last: a reader that finds it finds its weights beside it.
+        for name in sorted(files, key=lambda n: n.endswith(".json")):
+            _atomic_bytes(folder / f"{stem}{Path(name).suffix}", files[name])
+        return folder / f"{stem}.safetensors"
 
     def latest_statuses(self, suite: str) -> dict[str, str]:
         """Each recorded cell's status in its newest row (by finish time, then run id): what `--retry-failed`
@@ -197,6 +216,19 @@ class ResultStore:
 def _parquet_files(folder: Path) -> list[Path]:
     """Finished files only: a write interrupted by a kill leaves a hidden .tmp- file, never a row."""
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def _atomic_bytes(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _atomic_parquet(table: pa.Table, target: Path) -> None:

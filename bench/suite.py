@@ -73,6 +73,7 @@ class Cell(BaseModel):
     feature_cache: Literal["auto", "off"] = "auto"
     infer_bench: Literal["auto", "off"] = "auto"
     infer_budget_s: float = Field(4.0, gt=0)
+    save_model: Literal["none", "best", "all"] = "none"
     cell_timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("feature_cache", "infer_bench", mode="before")

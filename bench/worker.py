@@ -92,6 +92,11 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
         peaks = measure.vram_peaks(device)  # training's; the inference measurement resets them
         if cell.infer_bench == "auto":
             outcome.row.update(_inference(inference_cost, backbone.model, cell, outcome.row["precision"], device))
+        if cell.save_model != "none" and spec.get("model_dir"):  # the runner moves it into the results folder
+            from bench import saved
+
+            saved.save(Path(spec["model_dir"]), backbone.model, cell, splits.classes, backbone.recipe,
+                       _stored_side(splits), outcome.row)
     finally:
         if sampler:
             sampler.__exit__(None, None, None)
