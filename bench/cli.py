@@ -192,9 +192,9 @@ def validate(suite, overrides, gpu, results, estimate):
         shown += ["est", "basis"] + (["memory_risk"] if frame["memory_risk"].ne("").any() else [])
     click.echo(frame[shown].to_string(index=False))
     click.echo("input recipes (from each model's weights; random-init cells use their architecture's default):")
-    for model, weights in dict.fromkeys((c.model, c.weights) for c in cells):
-        recipe = registry.input_recipe(model, weights)
-        click.echo(f"  {model}{'.' + weights if weights else ''}: {recipe.describe()}  [{recipe.source}]")
+    for cell in {(c.model, c.weights, c.input_mean, c.input_std): c for c in cells}.values():
+        recipe = registry.cell_recipe(cell)
+        click.echo(f"  {cell.model}{' ' + cell.weights if cell.weights else ''}: {recipe.describe()}  [{recipe.source}]")
     if cost:
         click.echo(_estimate_summary(cost))
     click.echo(f"suite {loaded.name} ({loaded.source}): {len(cells)} cells, dataset {loaded.dataset}, ok")
