@@ -328,12 +328,14 @@ def _scan_tables(paths: list[Path], schema: pa.Schema, required: tuple[str, ...]
 
 def _dataset_scan(paths: list[Path], schema: pa.Schema, required: tuple[str, ...], wanted: list[str] | None,
                   problems: list[str]) -> pa.Table:
-    batches, foreign = [], {}
+    tables, foreign = [], {}
     # A dataset keeps every file's decoded footer (about 0.5 MB each for a cell file's ~130 columns) until it is
-    # dropped: scanning loose files a few hundred at a time bounds the memory; a compacted folder is one chunk.
+    # dropped, and a one-row batch holds a buffer per column: scanning loose files a few hundred at a time and
+    # packing each chunk into contiguous columns bounds the memory. A compacted folder is one chunk.
     for start in range(0, len(paths), _SCAN_CHUNK):
         dataset = ds.dataset([str(p) for p in paths[start:start + _SCAN_CHUNK]], schema=schema, format="parquet")
         scanner = dataset.scanner(columns=wanted)
+        batches = []
         for tagged in scanner.scan_batches():
             batch = tagged.record_batch
             # A bench file always fills its identity columns; null ones mean the file lacks them.
@@ -342,9 +344,10 @@ def _dataset_scan(paths: list[Path], schema: pa.Schema, required: tuple[str, ...
                 foreign[tagged.fragment.path] = [c for c in required if c not in names] or list(required)
                 continue
             batches.append(batch)
+        tables.append(pa.Table.from_batches(batches, schema=scanner.projected_schema).combine_chunks())
     problems.extend(f"{path}: not a bench results file (no {', '.join(missing)} column); move it out of the results folder"
                     for path, missing in foreign.items())
-    return pa.Table.from_batches(batches, schema=scanner.projected_schema)
+    return pa.concat_tables(tables)
 
 
 def _fits(file_schema: pa.Schema, schema: pa.Schema) -> bool:
