@@ -150,8 +150,9 @@ def target_device(gpu: str | None = None) -> Target:
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
-        key = device_class(name) or "a100"
-        return Target(key, name, name, torch.cuda.get_device_properties(0).total_memory)
+        key = device_class(name)
+        label = name if key else f"{name} (no built-in figures of its own: the a100's until its rows calibrate it)"
+        return Target(key or "a100", label, name, torch.cuda.get_device_properties(0).total_memory)
     from bench.measure import _cpu_model
 
     cores = torch.get_num_threads()
@@ -352,7 +353,7 @@ def _memory_risk(cell: Cell, rows: pd.DataFrame, target: Target) -> str:
         return ""
     r = ok.iloc[int(np.abs(np.log(sizes[ok.index] / pixels)).argmin())]
     # The dataset on the device and the weights, gradients and optimizer state do not grow with the batch.
-    fixed = (0 if pd.isna(r["data_device_bytes"]) else float(r["data_device_bytes"])) + 16 * float(r["total_params"] or 0)
+    fixed = sum(0.0 if pd.isna(v) else float(v) for v in (r["data_device_bytes"], 16 * r["total_params"]))
     peak = float(r[column])
     predicted = fixed + max(peak - fixed, 0) * pixels / (float(r["batch_size"]) * float(r["resolution"]) ** 2)
     if predicted > 0.9 * target.memory_bytes:
