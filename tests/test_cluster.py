@@ -70,3 +70,24 @@ def test_a_bad_address_is_one_clear_error_before_anything_is_written(tmp_path, a
     with pytest.raises(BenchError, match=f"--ray {address}: cannot connect to a Ray cluster"):
         run_suite(suite, expand(suite), RunOptions(results=tmp_path / "r", ray=address))
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory."), "oom"),
+    (ray.exceptions.TaskUnschedulableError("no node has the resources the task asks for"), "error"),
+    (ray.exceptions.RuntimeEnvSetupError("pip install failed"), "error"),
+    (ray.exceptions.NodeDiedError("node 10.0.0.3 died"), "killed"),
+])
+def test_a_task_ray_ended_becomes_its_cells_row_not_a_traceback(exc, expected):
+    from bench.executors.ray import failed_task
+
+    outcome = failed_task(ray, exc, "cuda:0")
+    assert outcome.status == expected and outcome.error.startswith("the Ray task ended without a result")
+    assert outcome.fields["device"] == "cuda:0" and outcome.fields["hostname"] is None and outcome.log
+
+
+def test_other_ray_errors_stop_the_run():
+    from bench.executors.ray import failed_task
+
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        failed_task(ray, ray.exceptions.GetTimeoutError("timed out"), "cpu")

@@ -44,24 +44,40 @@ class RayExecutor:
         task = ray.remote(max_retries=0, **resources)(run_on_node)  # a retry would be a silent second run
         # The driver fetched what could be fetched: a node never downloads.
         pending = {task.remote(dataclasses.replace(job, download=False), device): job.cell for job in jobs}
-        lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OwnerDiedError)
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 cell = pending.pop(done[0])
                 try:
                     outcome = ray.get(done[0])
-                except lost as exc:  # the node or its Ray worker died under the cell: that cell's row says so
-                    outcome = cellproc.without_process("cpu", status.lost(), _first_line(exc))
-                    outcome.fields.update(device=device, hostname=None, gpu_name=None)  # not the driver's
-                    outcome.log = str(exc)
                 except ray.exceptions.RayTaskError as exc:  # bench itself failed on the node: every cell would
                     raise BenchError(f"a Ray task failed on its node ({_first_line(exc)}); check that bench and its "
                                      f"dependencies are installed there, in the driver's version") from None
+                except ray.exceptions.RayError as exc:  # Ray ended the task: that cell's row says how
+                    outcome = failed_task(ray, exc, device)
                 yield cell, outcome
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
+
+
+def failed_task(ray, exc: BaseException, device: str) -> Outcome:
+    """The outcome of a cell whose task Ray ended, as on one machine: its memory monitor's kill is `oom`; a task
+    that can never be placed or whose runtime environment cannot be set up is `error`; a lost node or Ray worker
+    is `killed`. Anything else Ray raises is not a cell's fault: it stops the run."""
+    errors = ray.exceptions
+    if isinstance(exc, errors.OutOfMemoryError):
+        ended = status.OOM
+    elif isinstance(exc, (errors.TaskUnschedulableError, errors.RuntimeEnvSetupError)):
+        ended = status.ERROR
+    elif isinstance(exc, (errors.WorkerCrashedError, errors.NodeDiedError, errors.OwnerDiedError)):
+        ended = status.lost()
+    else:
+        raise exc
+    outcome = cellproc.without_process("cpu", ended, _first_line(exc))
+    outcome.fields.update(device=device, hostname=None, gpu_name=None)  # not the driver's
+    outcome.log = str(exc)
+    return outcome
 
 
 def run_on_node(job: Job, device: str) -> Outcome:
