@@ -8,16 +8,21 @@ Runs are interleaved (1 thread, pool, 1 thread, ...) and each figure is the medi
 a shared machine falls on both sides alike. The files are read once before timing: the page cache is warm
 for every run, so the figures are decoding, not the disk. `cores_used` is the process's CPU time over the
 wall time: near the thread count when the pool runs in parallel, near 1 when the GIL (or a busy machine)
-serialises it; the load average before the runs is printed under the table.
+serialises it; the load average before the runs is printed under the table. A last pair of rows hashes
+memory (hashlib releases the GIL) with the same threads: the speedup the machine itself allows at that moment,
+so a low decode speedup can be told apart from a busy or hyperthreaded machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,30 +49,52 @@ def generated_folder(root: Path, count: int) -> list[str]:
     return paths
 
 
-def timed(paths: list[str], side: int, threads: int) -> tuple[float, float]:
-    """Wall seconds and process CPU seconds (every thread's) of one decode."""
+def timed(work: Callable[[int], None], threads: int) -> tuple[float, float]:
+    """Wall seconds and process CPU seconds (every thread's) of one run of `work`."""
     started, cpu = time.perf_counter(), time.process_time()
-    _, bad = imagefolder.decode_images(paths, side, threads=threads)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    assert not bad, f"unreadable files in the benchmark's folder: {list(bad)[:3]}"
-    return elapsed, cpu
+    work(threads)
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
-def measure(name: str, paths: list[str], side: int, repeats: int) -> list[dict]:
-    for p in paths:  # warm the page cache: every timed run then reads from memory
-        Path(p).read_bytes()
+def measure(name: str, count: int, side: int | str, work: Callable[[int], None], repeats: int) -> list[dict]:
+    """1 thread against the pool, interleaved, `repeats` times each; the median of each."""
     pool = imagefolder.decode_threads()
     runs: dict[int, list[tuple[float, float]]] = {1: [], pool: []}
     for _ in range(repeats):
         for threads in runs:
-            runs[threads].append(timed(paths, side, threads))
+            runs[threads].append(timed(work, threads))
     rows = []
     for threads, timings in runs.items():
         median = statistics.median(wall for wall, _ in timings)
         cores = statistics.median(cpu / wall for wall, cpu in timings)
-        rows.append({"images": name, "count": len(paths), "stored_side": side, "threads": threads,
-                     "seconds": median, "images_per_s": len(paths) / median, "cores_used": cores})
+        rows.append({"images": name, "count": count, "stored_side": side, "threads": threads,
+                     "seconds": median, "images_per_s": count / median, "cores_used": cores})
     rows[-1]["speedup"] = rows[0]["seconds"] / rows[-1]["seconds"]
+    return rows
+
+
+def measure_decode(name: str, paths: list[str], side: int, repeats: int) -> list[dict]:
+    for p in paths:  # warm the page cache: every timed run then reads from memory
+        Path(p).read_bytes()
+
+    def work(threads: int) -> None:
+        _, bad = imagefolder.decode_images(paths, side, threads=threads)
+        assert not bad, f"unreadable files in the benchmark's folder: {list(bad)[:3]}"
+
+    return measure(name, len(paths), side, work, repeats)
+
+
+def measure_reference(repeats: int) -> list[dict]:
+    """Hashing 64 blocks of 4 MiB: work that holds no GIL, split over the same threads."""
+    blocks = [bytes(4 << 20)] * 64
+
+    def work(threads: int) -> None:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(lambda b: hashlib.sha256(b).digest(), blocks))
+
+    rows = measure("reference: sha256, no GIL", len(blocks), "-", work, repeats)
+    for row in rows:
+        row.pop("images_per_s")
     return rows
 
 
@@ -84,10 +111,11 @@ def main() -> None:
     if args.cifar and cifar is None:
         print("real CIFAR-10 images not found (../shared/assets/cifar10-jpg.tar.gz): that row is skipped")
     elif cifar is not None:
-        rows += measure("CIFAR-10 JPEG 32x32", imagefolder.list_folder(cifar).all_paths(), 32, args.repeats)
+        rows += measure_decode("CIFAR-10 JPEG 32x32", imagefolder.list_folder(cifar).all_paths(), 32, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         paths = generated_folder(Path(tmp), args.large_images)
-        rows += measure("JPEG 640x480 / 480x640", paths, 224, args.repeats)
+        rows += measure_decode("JPEG 640x480 / 480x640", paths, 224, args.repeats)
+    rows += measure_reference(args.repeats)
     print(table(rows, ["images", "count", "stored_side", "threads", "seconds", "images_per_s", "cores_used",
                        "speedup"]))
     print(f"\n{imagefolder.decode_threads()} threads in the pool; median of {args.repeats} interleaved runs each; "
