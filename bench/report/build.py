@@ -40,7 +40,10 @@ def load(results: Path, *, run: str | None = None, suite: str | None = None, com
          regression_threshold: float = 0.01, speed_regression_threshold: float = 0.10,
          budget: Budget | None = None) -> Loaded:
     """Everything a report is built from: the latest row per cell (or one run / suite), folded and chosen."""
-    read = ResultStore(results).read()
+    # One suite's folder only, when it exists: a long history of other suites costs nothing. A misspelled suite
+    # reads everything, so that select_rows can name the suites there are.
+    only = [suite] if suite and (Path(results) / suite).is_dir() else None
+    read = ResultStore(results).read(suites=only)
     if read.cells.empty:
         skipped = f" ({len(read.problems)} unreadable files skipped)" if read.problems else ""
         raise ResultsError(f"no results in {results}{skipped}; run `bench run SUITE` first")
