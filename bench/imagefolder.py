@@ -227,14 +227,14 @@ def decode_images(paths: list[str], side: int, threads: int | None = None) -> tu
     out = np.zeros((len(paths), side, side, 3), dtype=np.uint8)
     bad: dict[str, str] = {}
 
-    def chunk(start: int) -> None:
-        for i in range(start, min(start + 256, len(paths))):
+    def chunk(span: range) -> None:
+        for i in span:
             try:
                 out[i] = _decode(paths[i], side)
             except _PIL_ERRORS as exc:
                 bad[paths[i]] = _reason(exc)
 
-    _pool_run(chunk, range(0, len(paths), 256), threads)
+    _pool_run(chunk, len(paths), threads)
     return out, bad
 
 
@@ -245,8 +245,8 @@ def find_bad_images(paths: list[str], side: int, threads: int | None = None) -> 
 
     bad: dict[str, str] = {}
 
-    def chunk(start: int) -> None:
-        for p in paths[start:start + 256]:
+    def chunk(span: range) -> None:
+        for p in (paths[i] for i in span):
             try:
                 with Image.open(p) as img:
                     img.draft("RGB", (side, side))
@@ -254,14 +254,18 @@ def find_bad_images(paths: list[str], side: int, threads: int | None = None) -> 
             except _PIL_ERRORS as exc:
                 bad[p] = _reason(exc)
 
-    _pool_run(chunk, range(0, len(paths), 256), threads)
+    _pool_run(chunk, len(paths), threads)
     return dict(sorted(bad.items()))
 
 
-def _pool_run(work, starts, threads: int | None) -> None:
-    # Chunks of 256 files, not one task per file: 60,000 futures would cost more than CIFAR's decoding.
-    with ThreadPoolExecutor(max_workers=threads or decode_threads()) as pool:
-        for _ in pool.map(work, starts):
+def _pool_run(work, count: int, threads: int | None) -> None:
+    """Run `work` over index ranges covering `count` files, in a pool of threads: about four ranges per thread,
+    of at most 256 files. A range per file would cost more than decoding CIFAR's tiny JPEGs; fixed ranges of 256
+    would hand a folder of a few hundred big images to one or two threads."""
+    threads = threads or decode_threads()
+    size = max(1, min(256, -(-count // (4 * threads))))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(work, (range(i, min(i + size, count)) for i in range(0, count, size))):
             pass  # re-raises a worker's unexpected exception here
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,19 @@ def test_parallel_decode_gives_the_same_array_as_one_thread(tmp_path):
     one, _ = imagefolder.decode_images(paths, 24, threads=1)
     two, _ = imagefolder.decode_images(paths, 24, threads=2)
     assert np.array_equal(one, two) and one.any()
+
+
+def test_the_pool_spreads_even_a_small_folder_over_its_threads(monkeypatch):
+    seen = set()
+
+    def decode(path: str, side: int) -> np.ndarray:
+        seen.add(threading.get_ident())
+        time.sleep(0.02)  # as a real decode would, without the GIL
+        return np.zeros((side, side, 3), dtype=np.uint8)
+
+    monkeypatch.setattr(imagefolder, "_decode", decode)
+    imagefolder.decode_images([f"{i}.jpg" for i in range(8)], 4, threads=2)
+    assert len(seen) == 2
 
 
 # ------------------------------------------------------------------ resident and streaming agree
