@@ -31,6 +31,7 @@ EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 # of living on the device: 4 GiB holds ImageNet-64 or a few CINIC-10s.
 RESIDENT_MAX_BYTES = 4 << 30
 CAP_SAMPLE = 1000  # headers read to find the images' typical size: enough for a stable median, fast on any folder
+SMALL_SIDE = 64  # images this small (typical short side) decode on one thread; see `decode_threads`
 SKIP_ENV = "BENCH_SKIP_BAD_IMAGES"
 
 
@@ -216,8 +217,13 @@ def _typical_short_side(paths: list[str], folder: Path) -> int:
 # ---------------------------------------------------------------- decoding, bad files
 
 
-def decode_threads() -> int:
-    """Threads for decoding: every core this process may use (PIL releases the GIL while it decodes and resizes)."""
+def decode_threads(typical_side: int | None = None) -> int:
+    """Threads for decoding: every core this process may use (PIL releases the GIL while it decodes and
+    resizes), but one for images of SMALL_SIDE px or less, whose decoding is mostly PIL's header parsing in
+    Python, under the GIL: a second thread only contends for it (benchmarks/RESULTS.md, 2 cores: 0.81x at 32 px
+    and 0.92x at 64 px, against 1.79x at 96 px and 1.85x for 640 x 480 photos stored at 224)."""
+    if typical_side is not None and typical_side <= SMALL_SIDE:
+        return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -308,7 +314,8 @@ def _streaming(listing: Listing, side: int, manifest: Manifest, manifest_file: P
     """Each split as a file list; every file decoded once first (then never again: the manifest keeps the
     verdict), so an unreadable file is named now, not by a DataLoader worker in the middle of an epoch."""
     if not manifest.checked:
-        manifest.bad, manifest.checked = find_bad_images(listing.all_paths(), side), True
+        bad = find_bad_images(listing.all_paths(), side, decode_threads(manifest.cap))
+        manifest.bad, manifest.checked = bad, True
         _save_manifest(manifest_file, manifest)
     _allow_bad(manifest.bad, folder)
     return {k: FileList(*_without(p, y, manifest.bad), stored_resolution=side) for k, (p, y) in listing.splits.items()}
@@ -323,7 +330,8 @@ def _resident(listing: Listing, side: int, manifest: Manifest, manifest_file: Pa
         _allow_bad(manifest.bad, folder)
         return {k: ImageArrays(np.load(caches[k]), _without(p, y, manifest.bad)[1])
                 for k, (p, y) in listing.splits.items()}
-    decoded = {k: decode_images(p, side) for k, (p, _) in listing.splits.items()}
+    threads = decode_threads(manifest.cap)
+    decoded = {k: decode_images(p, side, threads) for k, (p, _) in listing.splits.items()}
     manifest.bad = dict(sorted(b for _, bad in decoded.values() for b in bad.items()))
     manifest.checked = True
     _save_manifest(manifest_file, manifest)

@@ -1,6 +1,8 @@
-"""Decoding an image folder into its stored array: one thread against the thread pool bench uses, in images
-per second, on the 60,000 real CIFAR-10 JPEGs (32 x 32, stored at their own 32 px) and on a generated folder
-of larger non-square JPEGs (640 x 480 and 480 x 640, stored at 224 px: short-side resize + centre crop).
+"""Decoding an image folder into its stored array: one thread against a pool of one thread per core, in images
+per second, on the 60,000 real CIFAR-10 JPEGs (32 x 32, stored at their own 32 px), on a generated folder of
+larger non-square JPEGs (640 x 480 and 480 x 640, stored at 224 px: short-side resize + centre crop), and on
+two generated folders of small ones (short side 64 and 96 px, stored at that side), where the pool starts to
+pay: bench decodes images of `imagefolder.SMALL_SIDE` px or less on one thread.
 
     python -m benchmarks.decode_images [--repeats N] [--large-images N] [--no-cifar]
 
@@ -31,16 +33,17 @@ from bench import imagefolder
 from benchmarks.common import cifar_folder, table
 
 
-def generated_folder(root: Path, count: int) -> list[str]:
-    """`count` JPEGs, half landscape 640 x 480 and half portrait 480 x 640: smooth colour gradients with a
-    little noise, so they compress like photographs rather than like static."""
+def generated_folder(root: Path, count: int, short: int = 480) -> list[str]:
+    """`count` JPEGs with a 4:3 aspect, half landscape and half portrait (640 x 480 and 480 x 640 by default):
+    smooth colour gradients with a little noise, so they compress like photographs rather than like static."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        w, h = (640, 480) if i % 2 == 0 else (480, 640)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        w, h = (short * 4 // 3, short) if i % 2 == 0 else (short, short * 4 // 3)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) * (480 / short)  # the same pattern at every size
         base = rng.uniform(0, 255, 3) * (0.5 + 0.5 * np.sin(xx / rng.uniform(20, 80) + yy / rng.uniform(20, 80)))[..., None]
         pixels = np.clip(base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
         path = root / f"{i:04d}.jpg"
@@ -113,8 +116,12 @@ def main() -> None:
     elif cifar is not None:
         rows += measure_decode("CIFAR-10 JPEG 32x32", imagefolder.list_folder(cifar).all_paths(), 32, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = generated_folder(Path(tmp), args.large_images)
+        paths = generated_folder(Path(tmp) / "large", args.large_images)
         rows += measure_decode("JPEG 640x480 / 480x640", paths, 224, args.repeats)
+        for short in (64, 96):
+            paths = generated_folder(Path(tmp) / str(short), 1000, short)
+            rows += measure_decode(f"JPEG {short * 4 // 3}x{short} / {short}x{short * 4 // 3}", paths, short,
+                                   args.repeats)
     rows += measure_reference(args.repeats)
     print(table(rows, ["images", "count", "stored_side", "threads", "seconds", "images_per_s", "cores_used",
                        "speedup"]))
