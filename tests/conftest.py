@@ -42,3 +42,19 @@ def cifar_jpg(tmp_path_factory) -> Path:
 def session_data_root(tmp_path_factory) -> Path:
     """A data root shared by the tests of a session, so the decoded-array cache is built once."""
     return tmp_path_factory.mktemp("data-root")
+
+
+@pytest.fixture(scope="module")
+def small_cpu_kernels():
+    """One thread, no oneDNN, for a module of tiny-input model tests: oneDNN's per-shape kernels cost more than
+    they save (one EfficientNet step at 8 px: 13 s with, 0.5 s without), and two OpenMP threads on a busy
+    two-core machine spin against each other (100x slower forwards seen). Those tests check shapes, gradients
+    and flags, not kernels."""
+    import torch
+
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = onednn

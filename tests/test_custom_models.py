@@ -26,16 +26,7 @@ CNN = "py:bench.zoo.small_cnn:small_cnn"
 CNN_FILE = Path(zoo.__file__).with_name("small_cnn.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _small_cpu_kernels():
-    # As in test_models.py: tiny inputs, two cores; oneDNN's per-shape kernels and spinning threads cost more
-    # than these forwards.
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
+pytestmark = pytest.mark.usefixtures("small_cpu_kernels")  # tests/conftest.py
 
 
 def cell(model: str, **fields) -> Cell:

@@ -31,17 +31,7 @@ FREEZES = ["all", "none", 0.5, 3]
 REAL_FORWARD_MAX_PARAMS_M = 30  # above this the per-model forward runs on the meta device
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _small_cpu_kernels():
-    # Tiny inputs: oneDNN's per-shape kernels cost more than they save (one EfficientNet step at 8 px: 13 s with,
-    # 0.5 s without), and two OpenMP threads on a busy two-core machine spin against each other (100x slower
-    # forwards seen). These tests check shapes, gradients and flags, not kernels.
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
+pytestmark = pytest.mark.usefixtures("small_cpu_kernels")  # tests/conftest.py
 
 
 def cell(model: str, **fields) -> Cell:
