@@ -50,6 +50,7 @@ class Cell(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
+    cudnn_benchmark: bool = True  # cuDNN autotuning on a GPU: faster steps after a warm-up of seconds per shape
     compile: bool = False
     pretrained: bool = True
     weights: str | None = None  # a library's name for them, or a checkpoint file of your own (path/to/file.pth)
