@@ -22,6 +22,7 @@ import psutil
 
 from bench import measure, status
 from bench.forkserver import FORKSERVER, SUBPROCESS, ForkServer, Forked
+from bench.result import Part, Process, Provenance, parts_from_values
 from bench.suite import Cell
 
 Report = Callable[[dict], None]
@@ -47,12 +48,12 @@ class Job:
 
 @dataclass
 class Outcome:
-    """How one cell ended: its status and error, the columns it measured (provenance included), its epoch table
-    and its stderr. Executors return these; only the runner turns them into rows and files."""
+    """How one cell ended: its status and error, the parts of the result it measured (bench/result.py; provenance
+    always), its epoch table and its stderr. Executors return these; only the runner turns them into rows and files."""
 
     status: str
     error: str | None = None
-    fields: dict = field(default_factory=dict)
+    parts: dict[str, Part] = field(default_factory=dict)
     epochs: list[dict] = field(default_factory=list)
     log: str | None = None  # None: no process of ours ran the cell
     files: dict[str, bytes] = field(default_factory=dict)  # the trained model, with `save_model` (bench/saved.py)
@@ -75,18 +76,24 @@ def run_cell(job: Job, device: str, server: ForkServer | None, report: Report, s
     outcome = _outcome(reported, ending, device, log_text)
     if outcome.status == status.OK:
         outcome.files = kept
-    outcome.fields.update(wall_s=time.perf_counter() - t0, peak_host_rss_bytes=memory.rss_peak or None,
-                          peak_host_pss_bytes=memory.pss_peak or None, start_method=method,
-                          start_s=ready - launched if ready is not None else None,
-                          started_at=started, finished_at=datetime.now(timezone.utc))
+    outcome.parts["process"] = Process(
+        wall_s=time.perf_counter() - t0, peak_host_rss_bytes=memory.rss_peak or None,
+        peak_host_pss_bytes=memory.pss_peak or None, start_method=method,
+        start_s=ready - launched if ready is not None else None, started_at=started,
+        finished_at=datetime.now(timezone.utc))
     return outcome
+
+
+def provenance(outcome: Outcome) -> Provenance:
+    """The outcome's provenance part, for an executor that knows better which device and host ran the cell."""
+    return outcome.parts.setdefault("provenance", Provenance())
 
 
 def without_process(device: str, status_: str, error: str) -> Outcome:
     """The outcome of a cell that no process of ours saw end (its data missing, its node lost): what the driver
     knows, with the driver's provenance for `device`."""
     now = datetime.now(timezone.utc)
-    return Outcome(status_, error, {**device_env(device), "started_at": now, "finished_at": now})
+    return Outcome(status_, error, {"provenance": device_env(device), "process": Process(started_at=now, finished_at=now)})
 
 
 def _start(server: ForkServer | None, spec: Path, result: Path, env: dict[str, str], log: IO) -> tuple:
@@ -103,14 +110,16 @@ def _start(server: ForkServer | None, spec: Path, result: Path, env: dict[str, s
 
 def _outcome(reported: dict | None, ending: status.Ending, device: str, log_text: str) -> Outcome:
     if reported is None or not ending.trusts_report():
-        return Outcome(ending.status(), ending.error(log_text), device_env(device), [], log_text)
-    fields = dict(reported.get("row", {}))
-    if device.startswith("cuda"):
+        return Outcome(ending.status(), ending.error(log_text), {"provenance": device_env(device)}, [], log_text)
+    parts = parts_from_values(reported.get("parts", {}))
+    if "provenance" not in parts:  # the worker failed before it looked: the supervisor's view of the machine
+        parts["provenance"] = device_env(device)
+    elif device.startswith("cuda"):
         # The worker sees one GPU as cuda:0 (CUDA_VISIBLE_DEVICES); which one, and how many the machine has, only
         # its supervisor knows. (A CPU worker sees what its supervisor sees, which spares the supervisor torch.)
         machine = device_env(device)
-        fields.update(device=machine["device"], gpu_count=machine["gpu_count"])
-    return Outcome(reported["status"], reported.get("error"), fields, reported.get("epochs", []), log_text)
+        parts["provenance"].device, parts["provenance"].gpu_count = machine.device, machine.gpu_count
+    return Outcome(reported["status"], reported.get("error"), parts, reported.get("epochs", []), log_text)
 
 
 def _supervise(child, job: Job, report: Report, stop: threading.Event) -> tuple[status.Ending, _HostMemory, float | None]:
@@ -243,12 +252,12 @@ def child_env(device: str) -> dict[str, str]:
 _ENV_CACHE: dict[str, dict] = {}
 
 
-def device_env(device: str) -> dict:
-    """Provenance for rows whose worker died before reporting its own."""
+def device_env(device: str) -> Provenance:
+    """Provenance for rows whose worker died before reporting its own (a new part each call)."""
     # Keyed on the GPUs this process sees too: a Ray worker process runs tasks given different GPUs.
     key = f"{device}|{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
     if key not in _ENV_CACHE:
         import torch
 
         _ENV_CACHE[key] = measure.environment(torch.device(device))
-    return dict(_ENV_CACHE[key])
+    return Provenance(**_ENV_CACHE[key])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bench import cellproc, executors, status
 from bench.cellproc import Job, Outcome
+from bench.result import CellResult, Identity
 from bench.store import ResultStore
 from bench.suite import Cell, Suite
 
@@ -84,8 +85,10 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
     summary = RunSummary(run_id=new_run_id())
 
     def record(cell: Cell, outcome: Outcome) -> None:
-        row = base_row(cell, suite, summary.run_id)
-        row.update(outcome.fields, status=outcome.status, error=outcome.error)
+        identity = Identity(run_id=summary.run_id, suite=suite.name, suite_hash=suite.hash, cell_id=cell.id,
+                            group_id=cell.group_id, status=outcome.status, error=outcome.error,
+                            cell_json=cell.canonical())
+        row = CellResult(identity, cell, outcome.parts).row()
         if outcome.log is not None:
             store.log_path(suite.name, cell.id, summary.run_id).write_text(outcome.log)
         store.write(row, outcome.epochs)
@@ -146,9 +149,3 @@ def _missing_datasets(cells: list[Cell], options: RunOptions) -> dict[str, tuple
             missing[dataset] = (status.classify(exc), f"{exc.__class__.__name__} preparing {dataset}: {exc}"[:2000])
     return missing
 
-
-def base_row(cell: Cell, suite: Suite, run_id: str) -> dict:
-    row = cell.model_dump(exclude={"freeze"})
-    row.update(freeze=cell.freeze_label, cell_json=cell.canonical(), run_id=run_id, suite=suite.name,
-               suite_hash=suite.hash, cell_id=cell.id, group_id=cell.group_id)
-    return row

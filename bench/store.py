@@ -27,65 +27,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from bench.errors import ResultsError
+from bench.result import CELL_SCHEMA, EPOCH_SCHEMA
 
 STATUSES = ("ok", "oom", "killed", "timeout", "error", "unavailable")
 
-_f64, _i64, _str, _bool = pa.float64(), pa.int64(), pa.string(), pa.bool_()
-
-# Column name -> type. Units are in the names (_s, _bytes, _per_s); accuracies are fractions in [0, 1].
-CELL_COLUMNS: dict[str, pa.DataType] = {
-    # identity
-    "run_id": _str, "suite": _str, "suite_hash": _str, "cell_id": _str, "group_id": _str,
-    "status": _str, "error": _str,
-    # the cell's configuration, as resolved
-    "dataset": _str, "model": _str, "resolution": _i64, "source_resolution": _i64, "batch_size": _i64, "freeze": _str,
-    "epochs": _i64, "steps": _i64, "optimizer": _str, "lr": _f64, "momentum": _f64,
-    "weight_decay": _f64, "schedule": _str, "warmup_fraction": _f64, "label_smoothing": _f64,
-    "precision": _str, "channels_last": _bool, "compile": _bool, "pretrained": _bool, "weights": _str,
-    "head": _str, "head_hidden": _i64, "head_dropout": _f64, "head_bn": _bool, "probe_norm": _str,
-    "augment": _str, "val_fraction": _f64, "train_subset": _i64, "test_subset": _i64, "seed": _i64,
-    "target_top1": _f64, "restore_best": _bool, "mode": _str, "throughput_warmup_steps": _i64,
-    "throughput_steps": _i64,
-    "feature_cache": _str, "infer_bench": _str, "infer_budget_s": _f64, "save_model": _str, "cell_timeout_s": _f64, "cell_json": _str,
-    # data and model as built
-    "num_classes": _i64, "train_images": _i64, "val_images": _i64, "test_images": _i64,
-    "loader": _str, "stored_resolution": _i64, "input_mean": pa.list_(_f64), "input_std": pa.list_(_f64),
-    "interpolation": _str, "crop_pct": _f64, "feature_cache_used": _bool, "trainable_params": _i64, "total_params": _i64,
-    "frozen_layers": _i64, "total_layers": _i64, "flops_per_image": _i64,
-    "model_source_file": _str, "model_source_sha256": _str, "weights_sha256": _str,  # py: models, weights files
-    # accuracy
-    "top1": _f64, "top5": _f64, "val_top1_best": _f64, "val_top1_final": _f64,
-    "train_loss_final": _f64, "val_loss_final": _f64, "epochs_run": _i64, "steps_run": _i64,
-    "target_reached": _bool, "time_to_target_s": _f64, "test_epoch": _i64,
-    "class_names": pa.list_(_str), "per_class_top1": pa.list_(_f64),
-    "per_class_precision": pa.list_(_f64), "per_class_recall": pa.list_(_f64),
-    "confusion_matrix": pa.list_(pa.list_(_i64)), "test_correct": _str,
-    # time
-    "wall_s": _f64, "start_s": _f64, "start_method": _str, "setup_s": _f64, "compile_s": _f64,
-    "train_s": _f64, "eval_s": _f64,
-    "warmup_s": _f64, "warmup_steps": _i64, "images_per_s": _f64, "feature_extract_s": _f64,
-    # memory
-    "peak_vram_allocated_bytes": _i64, "peak_vram_reserved_bytes": _i64, "peak_vram_nvml_bytes": _i64,
-    "peak_host_pss_bytes": _i64, "peak_host_rss_bytes": _i64, "peak_host_maxrss_bytes": _i64, "data_device_bytes": _i64,
-    "peak_vram_train_bytes": _i64,
-    # inference cost of the trained model
-    "infer_images_per_s": _f64, "infer_latency_ms_p50": _f64, "infer_latency_ms_p95": _f64,
-    "infer_latency_samples": _i64, "infer_peak_vram_bytes": _i64, "infer_s": _f64, "model_bytes": _i64,
-    # provenance
-    "device": _str, "gpu_name": _str, "gpu_count": _i64, "driver_version": _str, "cuda_version": _str,
-    "cudnn_version": _str, "torch_version": _str, "torchvision_version": _str, "timm_version": _str,
-    "python_version": _str, "torch_threads": _i64, "cudnn_benchmark": _bool, "cpu_model": _str, "hostname": _str,
-    "bench_version": _str,
-    "git_commit": _str, "started_at": pa.timestamp("us", tz="UTC"), "finished_at": pa.timestamp("us", tz="UTC"),
-}
-CELL_SCHEMA = pa.schema(list(CELL_COLUMNS.items()))
-
-EPOCH_COLUMNS: dict[str, pa.DataType] = {
-    "run_id": _str, "suite": _str, "cell_id": _str, "epoch": _i64, "step": _i64, "lr": _f64,
-    "train_loss": _f64, "train_top1": _f64, "val_loss": _f64, "val_top1": _f64,
-    "epoch_s": _f64, "images_per_s": _f64,
-}
-EPOCH_SCHEMA = pa.schema(list(EPOCH_COLUMNS.items()))
+# The schema is derived from the typed result (bench/result.py); this name-to-type view is for readers.
+CELL_COLUMNS: dict[str, pa.DataType] = dict(zip(CELL_SCHEMA.names, CELL_SCHEMA.types))
+EPOCH_COLUMNS: dict[str, pa.DataType] = dict(zip(EPOCH_SCHEMA.names, EPOCH_SCHEMA.types))
 
 REQUIRED = ("run_id", "suite", "cell_id", "status", "model")
 

@@ -25,6 +25,7 @@ if __name__ == "__main__":  # a fresh process: tie it to the runner first, befor
     die_with_parent()
 
 from bench.errors import BenchError  # noqa: E402
+from bench.result import Build, Inference, Part, Peaks, Provenance  # noqa: E402
 from bench.status import classify, message  # noqa: E402, F401 - both were defined here; callers import them from here
 from bench.suite import Cell  # noqa: E402
 
@@ -62,8 +63,9 @@ def _inject_fault(cell: Cell) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
-    """Load data, build the model, train and evaluate; return the row fields and the epoch table."""
+def work(cell: Cell, spec: dict) -> tuple[dict[str, Part], list[dict]]:
+    """Load data, build the model, train and evaluate; return the result's parts this process measured
+    (bench/result.py) and the epoch table."""
     import torch
 
     from bench import data, measure, models, train
@@ -90,8 +92,9 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
         outcome = train.run_cell(cell, splits, backbone, device, num_classes,
                                  lambda ev: emit({**ev, "cell_id": cell.id}))
         peaks = measure.vram_peaks(device)  # training's; the inference measurement resets them
+        inference = None
         if cell.infer_bench == "auto":
-            outcome.row.update(_inference(inference_cost, backbone.model, cell, outcome.row["precision"], device))
+            inference = _inference(inference_cost, backbone.model, cell, outcome.training.precision, device)
         if cell.save_model != "none" and spec.get("model_dir"):  # the runner moves it into the results folder
             from bench import saved
 
@@ -100,35 +103,40 @@ def work(cell: Cell, spec: dict) -> tuple[dict, list[dict]]:
     finally:
         if sampler:
             sampler.__exit__(None, None, None)
-    row = dict(
+    build = Build(
         num_classes=num_classes, class_names=splits.classes, train_images=len(splits.train),
         val_images=len(splits.val), test_images=len(splits.test), loader=splits.loader,
         stored_resolution=_stored_side(splits),
         trainable_params=backbone.trainable_params, total_params=backbone.total_params,
         frozen_layers=backbone.frozen_layers, total_layers=backbone.total_layers, weights=backbone.weights,
-        **backbone.recipe.row(), **backbone.provenance(),
-        flops_per_image=flops, setup_s=outcome.ready_at - STARTED, peak_vram_nvml_bytes=sampler.peak if sampler else None,
-        peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **peaks,
-        **measure.environment(device),
+        **backbone.recipe.row(), **backbone.provenance(), flops_per_image=flops,
     )
-    row.update(outcome.row, torch_threads=torch.get_num_threads(), cudnn_benchmark=torch.backends.cudnn.benchmark)
-    if row.get("peak_vram_allocated_bytes") is not None:  # training's own peak: the resident data set aside
-        row["peak_vram_train_bytes"] = max(0, row["peak_vram_allocated_bytes"] - row["data_device_bytes"])
-    if cell.compile:
-        row["compile_s"] = row.get("warmup_s")
-    return row, outcome.epochs
+    allocated = peaks["peak_vram_allocated_bytes"]
+    measured = Peaks(
+        setup_s=outcome.ready_at - STARTED, peak_vram_nvml_bytes=sampler.peak if sampler else None,
+        peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **peaks,
+        # training's own peak: the resident data set aside
+        peak_vram_train_bytes=None if allocated is None else max(0, allocated - outcome.training.data_device_bytes),
+    )
+    provenance = Provenance(**measure.environment(device), torch_threads=torch.get_num_threads(),
+                            cudnn_benchmark=torch.backends.cudnn.benchmark)
+    parts: dict[str, Part] = {"build": build, "training": outcome.training, "accuracy": outcome.accuracy,
+                              "peaks": measured, "provenance": provenance}
+    if inference is not None:
+        parts["inference"] = inference
+    return parts, outcome.epochs
 
 
-def _inference(measure_cost, model, cell: Cell, precision: str, device) -> dict:
+def _inference(measure_cost, model, cell: Cell, precision: str, device) -> Inference | None:
     """The inference columns are measured after training: if they fail, the trained cell keeps its row and the
     log says why the columns are empty."""
     import torch
 
     try:
-        return measure_cost(model, cell, precision, device)
+        return Inference(**measure_cost(model, cell, precision, device))
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         print(f"inference cost not measured: {exc.__class__.__name__}: {message(exc)}", file=sys.stderr)
-        return {}
+        return None
 
 
 def _stored_side(splits) -> int | None:
@@ -148,17 +156,15 @@ def _flops(models, cell: Cell, num_classes: int) -> int | None:
         return None
 
 
-def failure_measurements(spec: dict) -> dict:
+def failure_measurements(spec: dict) -> dict[str, Part]:
     """What a failed cell still measured: its peaks up to the failure, an OOM's most telling numbers."""
     import torch
 
     from bench import measure
 
-    fields = {"peak_host_maxrss_bytes": measure.host_maxrss_bytes()}
     device = torch.device(spec["device"])
-    if device.type == "cuda" and torch.cuda.is_initialized():
-        fields.update(measure.vram_peaks(device))
-    return fields
+    vram = measure.vram_peaks(device) if device.type == "cuda" and torch.cuda.is_initialized() else {}
+    return {"peaks": Peaks(peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **vram)}
 
 
 def _get_ready(cell: Cell) -> None:
@@ -171,18 +177,23 @@ def _get_ready(cell: Cell) -> None:
     emit({"kind": "ready", "clock": time.clock_gettime(time.CLOCK_MONOTONIC)})
 
 
+def _as_json(parts: dict[str, Part]) -> dict[str, dict]:
+    """The parts as the runner reads them back (bench.result.parts_from_values)."""
+    return {name: part.values() for name, part in parts.items()}
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[1]).read_text())
     cell = Cell.model_validate_json(spec["cell"])
     _get_ready(cell)
     try:
-        row, epochs = work(cell, spec)
-        result = {"status": "ok", "row": row, "epochs": epochs}
+        parts, epochs = work(cell, spec)
+        result = {"status": "ok", "parts": _as_json(parts), "epochs": epochs}
     except Exception as exc:  # noqa: BLE001 - every failure becomes a result row, none is swallowed
         if not isinstance(exc, BenchError):
             traceback.print_exc()
         result = {"status": classify(exc), "error": f"{exc.__class__.__name__}: {message(exc)}"[:2000],
-                  "row": failure_measurements(spec)}
+                  "parts": _as_json(failure_measurements(spec))}
     tmp = Path(argv[2] + ".tmp")
     tmp.write_text(json.dumps(result, default=str))
     os.replace(tmp, argv[2])

@@ -83,7 +83,8 @@ def test_a_task_ray_ended_becomes_its_cells_row_not_a_traceback(exc, expected):
 
     outcome = failed_task(ray, exc, "cuda:0")
     assert outcome.status == expected and outcome.error.startswith("the Ray task ended without a result")
-    assert outcome.fields["device"] == "cuda:0" and outcome.fields["hostname"] is None and outcome.log
+    machine = outcome.parts["provenance"]
+    assert machine.device == "cuda:0" and machine.hostname is None and outcome.log
 
 
 def test_other_ray_errors_stop_the_run():

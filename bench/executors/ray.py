@@ -75,7 +75,8 @@ def failed_task(ray, exc: BaseException, device: str) -> Outcome:
     else:
         raise exc
     outcome = cellproc.without_process("cpu", ended, _first_line(exc))
-    outcome.fields.update(device=device, hostname=None, gpu_name=None)  # not the driver's
+    machine = cellproc.provenance(outcome)
+    machine.device, machine.hostname, machine.gpu_name = device, None, None  # not the driver's
     outcome.log = str(exc)
     return outcome
 
@@ -85,7 +86,8 @@ def run_on_node(job: Job, device: str) -> Outcome:
     outcome = cellproc.run_cell(job, device, None, lambda event: None, threading.Event())
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if device.startswith("cuda") and visible.isdigit():  # the physical GPU Ray gave this task
-        outcome.fields.update(device=f"cuda:{visible}", gpu_count=measure.nvml_gpu_count() or outcome.fields.get("gpu_count"))
+        machine = cellproc.provenance(outcome)
+        machine.device, machine.gpu_count = f"cuda:{visible}", measure.nvml_gpu_count() or machine.gpu_count
     return outcome
 
 

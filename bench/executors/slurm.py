@@ -110,7 +110,8 @@ class SlurmExecutor:
             state = submitted.state
             outcome = cellproc.without_process("cpu", status.lost(state),
                                                f"the SLURM job {submitted.job_id} ended without a result ({state})")
-            outcome.fields.update(device=self.device, hostname=None, gpu_name=None)  # not the driver's
+            machine = cellproc.provenance(outcome)
+            machine.device, machine.hostname, machine.gpu_name = self.device, None, None  # not the driver's
             outcome.log = str(exc)
             return outcome
 

@@ -63,5 +63,7 @@ def run_cell(cell: Cell, splits, backbone, device: torch.device, num_classes: in
     outcome.ready_at = run.clock.start
     # The resident dataset's share of device memory, so a report can show what the model and its training
     # need on their own (a streaming loader keeps nothing resident).
-    outcome.row["data_device_bytes"] = sum(getattr(ld, "device_bytes", 0) for ld in loaders if ld is not None)
+    outcome.training.data_device_bytes = sum(getattr(ld, "device_bytes", 0) for ld in loaders if ld is not None)
+    if cell.compile:
+        outcome.training.compile_s = outcome.training.warmup_s  # torch.compile's work happens in the warm-up steps
     return outcome

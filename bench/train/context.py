@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from bench.measure import Clock
+from bench.result import Accuracy, Training
 from bench.suite import Cell
 from bench.train.step import Plan
 
@@ -35,8 +36,14 @@ class Loaders(NamedTuple):
 
 @dataclass
 class Outcome:
-    """Numbers for the result row (flat, with units in names) and the per-epoch table."""
+    """The train stage's two parts of the result (bench/result.py) and the per-epoch table."""
 
-    row: dict = field(default_factory=dict)
+    training: Training = field(default_factory=Training)
+    accuracy: Accuracy = field(default_factory=Accuracy)
     epochs: list[dict] = field(default_factory=list)
     ready_at: float = 0.0  # perf_counter when data and model were on the device and training began
+
+    @property
+    def row(self) -> dict:
+        """Both parts' columns, flat (a copy: set a part's fields to change them)."""
+        return {**self.training.values(), **self.accuracy.values()}

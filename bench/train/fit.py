@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.result import Accuracy, Training
 from bench.train.context import CellRun, Loaders, Outcome
 from bench.train.metrics import class_metrics, evaluate, pack_correct
 from bench.train.step import Stepper
@@ -111,25 +112,26 @@ def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
         keeper.close()
     final = evaluate(forward, loaders.test, run.num_classes, plan.precision, run.device)
     t.eval_s += clock.lap()
-    row = _row(run, t, step, epochs, best, reached_s, final)
-    row.update(test_epoch=best_epoch if epochs else None)
-    return Outcome(row, epochs)
+    training, accuracy = _parts(run, t, step, epochs, best, reached_s, final)
+    accuracy.test_epoch = best_epoch if epochs else None
+    return Outcome(training, accuracy, epochs)
 
 
-def _row(run: CellRun, t: _Timing, step: int, epochs: list[dict], best, reached_s, final: dict) -> dict:
+def _parts(run: CellRun, t: _Timing, step: int, epochs: list[dict], best, reached_s, final: dict) -> tuple[Training, Accuracy]:
     steady_s = t.train_s - (t.warmup_s or 0.0)
     steady_images = t.images - t.warmup_images
     if steady_s <= 0 or steady_images <= 0:  # too few steps for a steady state: use the whole run
         steady_s, steady_images = t.train_s, t.images
     last = epochs[-1] if epochs else {}
-    row = dict(
+    training = Training(
         precision=run.plan.precision, lr=run.plan.lr, steps_run=step, epochs_run=len(epochs),
         train_s=t.train_s, eval_s=t.eval_s, warmup_s=t.warmup_s, warmup_steps=min(WARMUP_STEPS, step),
-        images_per_s=steady_images / steady_s if steady_s > 0 else None,
+        images_per_s=steady_images / steady_s if steady_s > 0 else None, feature_cache_used=False,
+    )
+    accuracy = Accuracy(
         top1=final["top1"], top5=final["top5"], val_top1_best=best, val_top1_final=last.get("val_top1"),
         train_loss_final=last.get("train_loss"), val_loss_final=last.get("val_loss"),
         target_reached=None if run.cell.target_top1 is None else reached_s is not None,
-        time_to_target_s=reached_s, feature_cache_used=False,
+        time_to_target_s=reached_s, **class_metrics(final["confusion"]), test_correct=pack_correct(final["correct"]),
     )
-    row.update(class_metrics(final["confusion"]), test_correct=pack_correct(final["correct"]))
-    return row
+    return training, accuracy

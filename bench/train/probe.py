@@ -62,9 +62,10 @@ def fit_on_features(run: CellRun, model: nn.Module, head: nn.Module, loaders: Lo
     head_run = dataclasses.replace(run, plan=dataclasses.replace(run.plan, precision="fp32"))
     stepper = Stepper(head, cell, head_run.plan, run.device)
     outcome = fit(head_run, stepper, Loaders(train, val, test), head)
-    row = outcome.row
-    row.update(train_s=row["train_s"] + extract_train_s, eval_s=row["eval_s"] + extract_eval_s, images_per_s=None,
-               feature_cache_used=True, feature_extract_s=extract_train_s, precision=precision)
-    if row.get("time_to_target_s") is not None:
-        row["time_to_target_s"] += extract_train_s
+    t = outcome.training
+    t.train_s += extract_train_s
+    t.eval_s += extract_eval_s
+    t.images_per_s, t.feature_cache_used, t.feature_extract_s, t.precision = None, True, extract_train_s, precision
+    if outcome.accuracy.time_to_target_s is not None:
+        outcome.accuracy.time_to_target_s += extract_train_s
     return outcome

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench.result import Accuracy, Training
 from bench.train.context import CellRun, Outcome
 from bench.train.step import Stepper
 
@@ -25,8 +26,8 @@ def throughput(run: CellRun, stepper: Stepper, train) -> Outcome:
         run.progress({"kind": "step", "step": step})
     timed_s = clock.lap()
     loss, _ = stepper.read()
-    row = dict(train_s=warmup_s + timed_s, warmup_s=warmup_s, warmup_steps=cell.throughput_warmup_steps,
-               images_per_s=timed_images / timed_s, steps_run=step, train_loss_final=loss,
-               precision=plan.precision, lr=plan.lr, epochs_run=0)
+    training = Training(train_s=warmup_s + timed_s, warmup_s=warmup_s, warmup_steps=cell.throughput_warmup_steps,
+                        images_per_s=timed_images / timed_s, steps_run=step, precision=plan.precision, lr=plan.lr,
+                        epochs_run=0)
     epochs = [dict(epoch=0, step=step, lr=stepper.lr, train_loss=loss, epoch_s=timed_s, images_per_s=timed_images / timed_s)]
-    return Outcome(row, epochs)
+    return Outcome(training, Accuracy(train_loss_final=loss), epochs)
