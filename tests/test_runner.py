@@ -40,6 +40,8 @@ def test_each_failure_mode_leaves_its_status_and_the_suite_completes(tmp_path, m
     assert [status[c.id]["status"] for c in cells] == ["ok", "error", "oom", "timeout", "killed"]
     assert "injected failure" in status[cells[1].id]["error"]
     assert status[cells[1].id]["peak_host_maxrss_bytes"] > 50 * 2**20  # a failed cell keeps what it measured
+    # and says where it ran: the supervisor's provenance where the worker failed before taking its own
+    assert all(status[c.id]["device"] == "cpu" and status[c.id]["torch_version"] for c in cells)
     assert "limit of 2.00 GiB" in status[cells[2].id]["error"]
     assert "time limit of 60 s" in status[cells[3].id]["error"]
     assert "SIGKILL" in status[cells[4].id]["error"]
