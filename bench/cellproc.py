@@ -241,6 +241,8 @@ def child_env(device: str) -> dict[str, str]:
         visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         env["CUDA_VISIBLE_DEVICES"] = visible[int(index)] if visible else index
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if commit := measure.git_commit():  # asked once here, not in every cell's process
+        env.setdefault("BENCH_GIT_COMMIT", commit)
     if device == "cpu":
         # OpenMP threads spin while they wait; with any other busy process on a small machine a spinning
         # thread steals the core its partner needs, and a step ran 25-50x slower here. Passive waiting

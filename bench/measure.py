@@ -219,6 +219,10 @@ def _gpu_name(device) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
+    """The checkout's commit: `BENCH_GIT_COMMIT` where set (the supervisor sets it for each cell, so no cell forks
+    a `git` from a process holding torch, which briefly doubled the tree's RSS), else `git rev-parse`; once a process."""
+    if given := os.environ.get("BENCH_GIT_COMMIT"):
+        return given
     root = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],

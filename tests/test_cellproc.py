@@ -64,6 +64,24 @@ def test_a_forked_child_sees_what_a_fresh_process_would(tmp_path, monkeypatch):
     assert log.read_text().strip() == "to the log"
 
 
+def test_the_commit_is_asked_once_and_handed_to_every_cell(monkeypatch):
+    # A `git` forked from a cell's process (torch loaded) briefly doubled the tree's RSS; the supervisor asks once.
+    real, calls = subprocess.run, []
+    monkeypatch.setattr(measure.subprocess, "run", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.delenv("BENCH_GIT_COMMIT", raising=False)
+    measure.git_commit.cache_clear()
+    try:
+        commit = measure.git_commit()
+        if commit is None:
+            pytest.skip("not a git checkout")
+        assert [cellproc.child_env("cpu")["BENCH_GIT_COMMIT"] for _ in range(3)] == [commit] * 3 and len(calls) == 1
+        monkeypatch.setenv("BENCH_GIT_COMMIT", "given")  # what a cell's process finds: no git run there
+        measure.git_commit.cache_clear()
+        assert measure.git_commit() == "given" and len(calls) == 1
+    finally:
+        measure.git_commit.cache_clear()
+
+
 @linux_only
 def test_a_server_that_cannot_import_says_so_and_cells_start_fresh(tmp_path):
     env = cellproc.child_env("cpu")
