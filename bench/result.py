@@ -263,12 +263,14 @@ class CellResult:
     parts: dict[str, Part] = dataclasses.field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
-        """The flat row the store writes: identity, config, then each part present, in PARTS order (a part's
-        resolved value replaces the config's)."""
+        """The flat row the store writes: identity, config, then each part present, in PARTS order. A part's
+        resolved value replaces the config's where it has one (the driver's provenance for a cell whose worker
+        never reported knows nothing of `cudnn_benchmark`: the cell's setting stays)."""
         row = {**self.identity.values(), **config_values(self.cell)}
         for name in PARTS:
             if name in self.parts:
-                row.update(self.parts[name].values())
+                part = self.parts[name]
+                row.update((k, v) for k, v in part.values().items() if v is not None or k not in part.RESOLVES)
         return row
 
 

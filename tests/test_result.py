@@ -94,6 +94,7 @@ def test_a_result_writes_and_reads_back_every_part_and_resolved_values_replace_t
     row = CellResult(identity, cell, parts).row()
     assert (row["precision"], row["lr"], row["freeze"], row["input_mean"]) == ("bf16", 0.05, "0.5", [0.4, 0.5, 0.6])
     assert "peak_vram_allocated_bytes" not in row  # no peaks part: its columns are written empty
+    assert row["cudnn_benchmark"] is True  # the provenance part did not measure it: the cell's setting stays
     ResultStore(tmp_path).write(row, [{"epoch": 0, "step": 3, "val_top1": 0.7}])
     back = ResultStore(tmp_path).read()
     got = back.cells.iloc[0]
