@@ -4,6 +4,7 @@ and host-memory limits, sample its process tree's memory, relay its progress, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -84,9 +85,9 @@ def run_cell(job: Job, device: str, server: ForkServer | None, report: Report, s
     return outcome
 
 
-def provenance(outcome: Outcome) -> Provenance:
-    """The outcome's provenance part, for an executor that knows better which device and host ran the cell."""
-    return outcome.parts.setdefault("provenance", Provenance())
+def correct_provenance(outcome: Outcome, **known) -> None:
+    """Replace columns of the outcome's provenance with what an executor knows better (which device and host)."""
+    outcome.parts["provenance"] = dataclasses.replace(outcome.parts.get("provenance", Provenance()), **known)
 
 
 def without_process(device: str, status_: str, error: str) -> Outcome:
@@ -118,7 +119,7 @@ def _outcome(reported: dict | None, ending: status.Ending, device: str, log_text
         # The worker sees one GPU as cuda:0 (CUDA_VISIBLE_DEVICES); which one, and how many the machine has, only
         # its supervisor knows. (A CPU worker sees what its supervisor sees, which spares the supervisor torch.)
         machine = device_env(device)
-        parts["provenance"].device, parts["provenance"].gpu_count = machine.device, machine.gpu_count
+        parts["provenance"] = dataclasses.replace(parts["provenance"], device=machine.device, gpu_count=machine.gpu_count)
     return Outcome(reported["status"], reported.get("error"), parts, reported.get("epochs", []), log_text)
 
 

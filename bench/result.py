@@ -63,7 +63,8 @@ def arrow_type(hint: Any) -> pa.DataType:
 
 
 class Part:
-    """A part of the row: a dataclass whose fields are columns, every one optional (a failed cell fills some)."""
+    """A part of the row: a frozen dataclass whose fields are columns, every one optional (a failed cell fills
+    some). Its stage builds it whole; anyone else changes it only by `dataclasses.replace`, in plain sight."""
 
     RESOLVES: ClassVar[frozenset[str]] = frozenset()  # config columns this part replaces with the value used
 
@@ -85,7 +86,7 @@ class Part:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Identity(Part):
     run_id: str | None = None
     suite: str | None = None
@@ -117,7 +118,7 @@ def config_values(cell: Cell) -> dict[str, Any]:
     return values
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Process(Part):
     """The cell's supervisor, watching its process from outside."""
 
@@ -130,7 +131,7 @@ class Process(Part):
     peak_host_rss_bytes: int | None = None  # the tree's, summed: a cross-check that counts shared pages twice
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Build(Part):
     """The data and the model as the worker built them."""
 
@@ -158,7 +159,7 @@ class Build(Part):
     weights_sha256: str | None = None  # weights files
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Training(Part):
     """The train stage's plan and clock: what it ran, for how long."""
 
@@ -179,7 +180,7 @@ class Training(Part):
     data_device_bytes: int | None = None  # the resident dataset's share of device memory
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Accuracy(Part):
     """Every figure of how well the cell learned: test on the weights validation chose (restore_best)."""
 
@@ -199,7 +200,7 @@ class Accuracy(Part):
     test_correct: str | None = None  # which test images were right, bit-packed (bench/train/metrics.py)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Peaks(Part):
     """What the worker measured around the train stage: its setup, its memory peaks."""
 
@@ -211,7 +212,7 @@ class Peaks(Part):
     peak_host_maxrss_bytes: int | None = None  # the worker process alone (its own high-water mark)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Inference(Part):
     """The trained model's inference cost, measured after training within `infer_budget_s`."""
 
@@ -224,7 +225,7 @@ class Inference(Part):
     model_bytes: int | None = None
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Provenance(Part):
     """Where the row came from: the worker's view, or the driver's for a cell whose worker never reported."""
 
@@ -253,7 +254,7 @@ PARTS: dict[str, type[Part]] = {"build": Build, "training": Training, "accuracy"
                                 "inference": Inference, "process": Process, "provenance": Provenance}
 
 
-@dataclass
+@dataclass(frozen=True)
 class CellResult:
     """A cell's row: who ran it and how it ended (identity), what it was (the cell) and what each stage measured.
     Parts a cell never reached are absent, and their columns empty."""
@@ -304,7 +305,7 @@ def _cell_schema() -> pa.Schema:
     return pa.schema(list(columns.items()))
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class EpochRecord(Part):
     """One row of a cell's epoch table (or throughput window): what `bench/train` reports after each epoch."""
 

@@ -75,8 +75,7 @@ def failed_task(ray, exc: BaseException, device: str) -> Outcome:
     else:
         raise exc
     outcome = cellproc.without_process("cpu", ended, _first_line(exc))
-    machine = cellproc.provenance(outcome)
-    machine.device, machine.hostname, machine.gpu_name = device, None, None  # not the driver's
+    cellproc.correct_provenance(outcome, device=device, hostname=None, gpu_name=None)  # not the driver's
     outcome.log = str(exc)
     return outcome
 
@@ -86,8 +85,8 @@ def run_on_node(job: Job, device: str) -> Outcome:
     outcome = cellproc.run_cell(job, device, None, lambda event: None, threading.Event())
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if device.startswith("cuda") and visible.isdigit():  # the physical GPU Ray gave this task
-        machine = cellproc.provenance(outcome)
-        machine.device, machine.gpu_count = f"cuda:{visible}", measure.nvml_gpu_count() or machine.gpu_count
+        known = outcome.parts["provenance"].gpu_count
+        cellproc.correct_provenance(outcome, device=f"cuda:{visible}", gpu_count=measure.nvml_gpu_count() or known)
     return outcome
 
 

@@ -110,8 +110,7 @@ class SlurmExecutor:
             state = submitted.state
             outcome = cellproc.without_process("cpu", status.lost(state),
                                                f"the SLURM job {submitted.job_id} ended without a result ({state})")
-            machine = cellproc.provenance(outcome)
-            machine.device, machine.hostname, machine.gpu_name = self.device, None, None  # not the driver's
+            cellproc.correct_provenance(outcome, device=self.device, hostname=None, gpu_name=None)  # not the driver's
             outcome.log = str(exc)
             return outcome
 

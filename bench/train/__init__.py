@@ -4,6 +4,8 @@ step and its parts, `metrics` the evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from bench.measure import Clock
@@ -63,7 +65,8 @@ def run_cell(cell: Cell, splits, backbone, device: torch.device, num_classes: in
     outcome.ready_at = run.clock.start
     # The resident dataset's share of device memory, so a report can show what the model and its training
     # need on their own (a streaming loader keeps nothing resident).
-    outcome.training.data_device_bytes = sum(getattr(ld, "device_bytes", 0) for ld in loaders if ld is not None)
-    if cell.compile:
-        outcome.training.compile_s = outcome.training.warmup_s  # torch.compile's work happens in the warm-up steps
+    outcome.training = dataclasses.replace(
+        outcome.training, data_device_bytes=sum(getattr(ld, "device_bytes", 0) for ld in loaders if ld is not None),
+        # torch.compile's work happens in the warm-up steps
+        compile_s=outcome.training.warmup_s if cell.compile else None)
     return outcome

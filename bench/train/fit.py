@@ -112,12 +112,11 @@ def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
         keeper.close()
     final = evaluate(forward, loaders.test, run.num_classes, plan.precision, run.device)
     t.eval_s += clock.lap()
-    training, accuracy = _parts(run, t, step, epochs, best, reached_s, final)
-    accuracy.test_epoch = best_epoch if epochs else None
-    return Outcome(training, accuracy, epochs)
+    return Outcome(*_parts(run, t, step, epochs, best, best_epoch if epochs else None, reached_s, final), epochs)
 
 
-def _parts(run: CellRun, t: _Timing, step: int, epochs: list[dict], best, reached_s, final: dict) -> tuple[Training, Accuracy]:
+def _parts(run: CellRun, t: _Timing, step: int, epochs: list[dict], best, test_epoch, reached_s,
+           final: dict) -> tuple[Training, Accuracy]:
     steady_s = t.train_s - (t.warmup_s or 0.0)
     steady_images = t.images - t.warmup_images
     if steady_s <= 0 or steady_images <= 0:  # too few steps for a steady state: use the whole run
@@ -132,6 +131,7 @@ def _parts(run: CellRun, t: _Timing, step: int, epochs: list[dict], best, reache
         top1=final["top1"], top5=final["top5"], val_top1_best=best, val_top1_final=last.get("val_top1"),
         train_loss_final=last.get("train_loss"), val_loss_final=last.get("val_loss"),
         target_reached=None if run.cell.target_top1 is None else reached_s is not None,
-        time_to_target_s=reached_s, **class_metrics(final["confusion"]), test_correct=pack_correct(final["correct"]),
+        time_to_target_s=reached_s, test_epoch=test_epoch, **class_metrics(final["confusion"]),
+        test_correct=pack_correct(final["correct"]),
     )
     return training, accuracy

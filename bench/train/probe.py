@@ -62,10 +62,10 @@ def fit_on_features(run: CellRun, model: nn.Module, head: nn.Module, loaders: Lo
     head_run = dataclasses.replace(run, plan=dataclasses.replace(run.plan, precision="fp32"))
     stepper = Stepper(head, cell, head_run.plan, run.device)
     outcome = fit(head_run, stepper, Loaders(train, val, test), head)
-    t = outcome.training
-    t.train_s += extract_train_s
-    t.eval_s += extract_eval_s
-    t.images_per_s, t.feature_cache_used, t.feature_extract_s, t.precision = None, True, extract_train_s, precision
-    if outcome.accuracy.time_to_target_s is not None:
-        outcome.accuracy.time_to_target_s += extract_train_s
+    t, reached_s = outcome.training, outcome.accuracy.time_to_target_s
+    outcome.training = dataclasses.replace(
+        t, train_s=t.train_s + extract_train_s, eval_s=t.eval_s + extract_eval_s, images_per_s=None,
+        feature_cache_used=True, feature_extract_s=extract_train_s, precision=precision)
+    if reached_s is not None:
+        outcome.accuracy = dataclasses.replace(outcome.accuracy, time_to_target_s=reached_s + extract_train_s)
     return outcome
