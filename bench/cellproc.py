@@ -22,7 +22,7 @@ from typing import IO
 import psutil
 
 from bench import measure, status
-from bench.forkserver import FORKSERVER, SUBPROCESS, ForkServer, Forked
+from bench.forkserver import FORKSERVER, SUBPROCESS, ForkServer
 from bench.result import Part, Process, Provenance, parts_from_values
 from bench.suite import Cell
 

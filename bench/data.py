@@ -10,66 +10,15 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bench.errors import DatasetUnavailableError, UnknownDatasetError, close_matches
+from bench.imagefolder import read_image_folder
+from bench.splits import FileList, ImageArrays, Raw, Splits  # noqa: F401 - FileList: importers take it from here too
 
 SPLIT_SEED = 0  # the validation split and subsets are the same for every cell, so cells compare
-
-
-@dataclass
-class ImageArrays:
-    """Decoded images (N, H, W, 3) uint8 and their labels (N,) int64."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, index: np.ndarray) -> ImageArrays:
-        return ImageArrays(self.images[index], self.labels[index])
-
-
-@dataclass
-class Splits:
-    """A dataset cut into train / validation / test, ready for a loader."""
-
-    name: str
-    classes: list[str]
-    train: ImageArrays | FileList
-    val: ImageArrays | FileList
-    test: ImageArrays | FileList
-    loader: str  # "resident" or "streaming"
-    stored_resolution: int | None = None  # the side image-folder images are stored at; None: the dataset's own
-
-
-@dataclass
-class FileList:
-    """Image files on disk and their labels, for the streaming path, which brings each image to the
-    stored side exactly as the resident path stores it (`bench.imagefolder.stored_image`)."""
-
-    paths: list[str]
-    labels: np.ndarray
-    stored_resolution: int
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, index: np.ndarray) -> FileList:
-        return FileList([self.paths[i] for i in index], self.labels[index], self.stored_resolution)
-
-
-@dataclass
-class Raw:
-    classes: list[str]
-    train: ImageArrays | FileList
-    test: ImageArrays | FileList
-    val: ImageArrays | FileList | None = None
-    stored_resolution: int | None = None  # image folders: the side every image is stored at
 
 
 def default_data_root() -> Path:
@@ -96,7 +45,6 @@ def _cifar100(_arg: str, root: Path, download: bool, _side: int | None) -> Raw:
 
 
 def _cinic10(_arg: str, root: Path, download: bool, side: int | None) -> Raw:
-    from bench.imagefolder import read_image_folder
 
     folder = root / "cinic10"
     if not (folder / "train").is_dir() and download:
@@ -110,7 +58,6 @@ def _cinic10(_arg: str, root: Path, download: bool, side: int | None) -> Raw:
 
 
 def _imagefolder(arg: str, root: Path, _download: bool, side: int | None) -> Raw:
-    from bench.imagefolder import read_image_folder
 
     folder = Path(arg).expanduser()
     if not (folder / "train").is_dir() or not (folder / "test").is_dir():

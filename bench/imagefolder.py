@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.data import FileList, ImageArrays, Raw
 from bench.errors import BadImageError, DatasetUnavailableError
+from bench.splits import FileList, ImageArrays, Raw
 
 # Part of every array cache's key: change it whenever `stored_image` would give different pixels.
 STORED_RECIPE = "rgb-convert|short-side-pil-bilinear|centre-crop|v1"

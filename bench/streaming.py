@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bench.data import FileList
+from bench.augment import augment_batch, resize
 from bench.imagefolder import stored_image
-from bench.loader import augment_batch, resize
 from bench.recipe import IMAGENET, InputRecipe
+from bench.splits import FileList
 
 
 class _Files(Dataset):
