@@ -1,7 +1,7 @@
 """Weights files: which file a library's weights are, where the library caches it, getting it there (failing fast
 and in one sentence offline), saying what is wrong with a cached copy that is there but unusable, and loading a
 checkpoint of your own (`weights: path/to/file.pth`). Names are canonical (`tv:NAME`, `timm:NAME`,
-`timm:hf-hub:ORG/NAME`); models.py builds the networks, this module only finds, checks and reads their files."""
+`timm:hf-hub:ORG/NAME`); registry.py builds the networks, this module only finds, checks and reads their files."""
 
 from __future__ import annotations
 

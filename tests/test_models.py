@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bench import models, weights
+from bench import models, registry, weights
 from bench.errors import ResolutionError, UnknownModelError, WeightsUnavailableError
 from bench.suite import Cell
 
@@ -106,7 +106,8 @@ def meta_builds_sharing_construction():
         return copy.deepcopy(made[key])
 
     with pytest.MonkeyPatch.context() as patch, models.meta_init():
-        patch.setattr(models, "_create", create)
+        for module in (registry, models):  # skeletons and head paths are built in registry, real models in models
+            patch.setattr(module, "_create", create)
         yield
 
 
@@ -279,14 +280,14 @@ def test_registry_names_globs_and_close_matches():
 
 
 def test_timm_names_without_timm_name_the_extra(monkeypatch):
-    monkeypatch.setattr(models, "_timm", lambda: None)
-    models._names.cache_clear()
+    monkeypatch.setattr(registry, "_timm", lambda: None)
+    registry._names.cache_clear()
     try:
         with pytest.raises(UnknownModelError, match=r"pip install 'bench\[timm\]'"):
             models.resolve("timm:xception41")
         assert all(n.startswith("tv:") for n in models.list_models())
     finally:
-        models._names.cache_clear()
+        registry._names.cache_clear()
 
 
 def test_unknown_weights_list_the_valid_ones():
