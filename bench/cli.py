@@ -177,7 +177,7 @@ def validate(suite, overrides, gpu, results, estimate):
     """Check SUITE, print its expanded cells and what they will cost; runs nothing."""
     import pandas as pd
 
-    from bench import models as registry
+    from bench import models
     from bench import validate as checks
 
     loaded, cells = _load(suite, overrides)
@@ -193,7 +193,7 @@ def validate(suite, overrides, gpu, results, estimate):
     click.echo(frame[shown].to_string(index=False))
     click.echo("input recipes (from each model's weights; random-init cells use their architecture's default):")
     for cell in {(c.model, c.weights, c.input_mean, c.input_std): c for c in cells}.values():
-        recipe = registry.cell_recipe(cell)
+        recipe = models.cell_recipe(cell)
         click.echo(f"  {cell.model}{' ' + cell.weights if cell.weights else ''}: {recipe.describe()}  [{recipe.source}]")
     if cost:
         click.echo(_estimate_summary(cost))
@@ -231,13 +231,13 @@ def _estimate_summary(cost) -> str:
 @friendly
 def models(pattern):
     """List backbones (optionally matching a glob such as 'resnet*' or 'timm:xception*')."""
-    from bench import models as registry
+    from bench import models
 
     # timm lists over a thousand models: without a pattern, list torchvision's and say how to see timm's.
-    names = registry.resolve(pattern) if pattern else registry.list_models("tv:*")
+    names = models.resolve(pattern) if pattern else models.list_models("tv:*")
     click.echo(f"{'name':32} {'source':11} {'params_M':>8} {'default_weights':22} {'native':>6} {'min':>5}")
     for name in names:
-        i = registry.info(name)
+        i = models.info(name)
         fixed = "*" if i.fixed_resolution else ""
         click.echo(f"{i.name:32} {i.source:11} {i.params_m:8.1f} {str(i.default_weights):22} "
                    f"{i.native_resolution:6d} {i.min_resolution:4d}{fixed}")
