@@ -189,3 +189,14 @@ def test_a_section_that_raises_is_one_line_and_the_rest_is_written(tmp_path, mon
     markdown, page = outcome.markdown.read_text(), outcome.html.read_text()
     assert f"**{line}**" in markdown and line.replace("'", "&#39;") in page
     assert "## Leaderboard" in markdown and "## All cells" in markdown
+
+
+def test_a_config_label_names_an_unset_value_as_its_axis_does():
+    import pandas as pd
+
+    from bench.report.tables import config_label
+
+    row = pd.Series({"model": "tv:resnet18", "resolution": 32, "batch_size": 512, "freeze": "none",
+                     "steps": pd.NA, "test_subset": None, "infer_budget_s": 4.0, "lr": 0.2})
+    label = config_label(row, ["steps", "test_subset", "infer_budget_s", "lr"])
+    assert label == "tv:resnet18 r32 bs512 freeze=none steps=no cap test_subset=all infer_budget_s=4 lr=0.2"

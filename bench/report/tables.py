@@ -49,8 +49,13 @@ def config_columns(rows: pd.DataFrame) -> list[str]:
 def config_label(row: pd.Series, extra: list[str]) -> str:
     """A short human name for a config: 'resnet18 r224 bs64 freeze=all optimizer=adamw'."""
     parts = [str(row["model"]), f"r{_int(row['resolution'])}", f"bs{_int(row['batch_size'])}", f"freeze={row['freeze']}"]
-    parts += [f"{c}={row[c]}" for c in extra if c not in KEY_CONFIG and c != "suite"]
+    parts += [f"{c}={_value_label(row[c], c)}" for c in extra if c not in KEY_CONFIG and c != "suite"]
     return " ".join(parts)
+
+
+def _value_label(value: object, axis: str) -> str:
+    """One config value as the axis labels show it: `steps=no cap`, not `steps=<NA>`; `4`, not `4.0`."""
+    return UNSET.get(axis, "unset") if _missing(value) else _label(value)
 
 
 def _int(value: object) -> str:
