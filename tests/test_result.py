@@ -50,7 +50,10 @@ def test_an_annotation_without_one_parquet_type_is_refused(hint):
 def test_the_config_columns_follow_the_cell_fields():
     # A field added to Cell is a column without touching the store; `freeze` is the label, `suite` identity's.
     assert set(result.config_columns()) == set(Cell.model_fields) - {"suite"}
-    assert result.config_columns()["freeze"] == pa.string()
+    columns = result.config_columns()
+    assert (columns["freeze"], columns["resolution"], columns["lr"], columns["precision"], columns["cudnn_benchmark"],
+            columns["input_std"]) == (pa.string(), pa.int64(), pa.float64(), pa.string(), pa.bool_(),
+                                      pa.list_(pa.float64()))
 
 
 @dataclass(kw_only=True)
