@@ -93,9 +93,10 @@ class Identity(Part):
     suite_hash: str | None = None
     cell_id: str | None = None
     group_id: str | None = None  # the cell's id without its seed: rows of one config over seeds share it
-    status: str | None = None  # ok, oom, killed, timeout, error, unavailable (bench/status.py)
+    status: str | None = None  # ok, oom, killed, timeout, error, unavailable, dropped (bench/status.py)
     error: str | None = None
     cell_json: str | None = None  # the whole cell, canonical JSON
+    race_rung: int | None = None  # a raced cell: the last rung it reached (0 the first); dropped there, or finished
 
 
 _NOT_CONFIG = {"freeze", "suite"}
@@ -129,6 +130,7 @@ class Process(Part):
     finished_at: datetime | None = None
     peak_host_pss_bytes: int | None = None  # the process tree's, shared pages counted once
     peak_host_rss_bytes: int | None = None  # the tree's, summed: a cross-check that counts shared pages twice
+    concurrent_cells: int | None = None  # the most cells (this one included) that shared its device and host
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -178,6 +180,8 @@ class Training(Part):
     feature_cache_used: bool | None = None
     feature_extract_s: float | None = None  # a cached probe's pass over the training images (inside train_s)
     data_device_bytes: int | None = None  # the resident dataset's share of device memory
+    resumed_from_epoch: int | None = None  # epochs already done in saved state when the last segment began (0: none)
+    segments: int | None = None  # processes the cell's training ran in (1: straight through)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -188,6 +192,7 @@ class Accuracy(Part):
     top5: float | None = None
     val_top1_best: float | None = None
     val_top1_final: float | None = None
+    val_top1_tested: float | None = None  # validation top-1 of the weights the test pass used: what ranks a config
     train_loss_final: float | None = None
     val_loss_final: float | None = None
     target_reached: bool | None = None
@@ -209,6 +214,7 @@ class Peaks(Part):
     peak_vram_reserved_bytes: int | None = None
     peak_vram_nvml_bytes: int | None = None  # the whole device, as the driver sees it
     peak_vram_train_bytes: int | None = None  # allocated, less the resident dataset: the model and its training
+    peak_vram_process_bytes: int | None = None  # what the cell's process held on its GPU (NVML, per process)
     peak_host_maxrss_bytes: int | None = None  # the worker process alone (its own high-water mark)
 
 

@@ -16,6 +16,8 @@ from bench.errors import UnavailableError
 OK, OOM, KILLED, TIMEOUT, ERROR, UNAVAILABLE = "ok", "oom", "killed", "timeout", "error", "unavailable"
 # Not a row: a cell stopped because the run itself stopped (Ctrl-C, a failure elsewhere). It runs again next time.
 INTERRUPTED = "interrupted"
+# A race's loser: stopped at a rung by the runner's choice, not a failure. Resume and --retry-failed leave it alone.
+DROPPED = "dropped"
 
 # Texts of allocation failures that are not torch.cuda.OutOfMemoryError or MemoryError: cuBLAS and cuDNN
 # report theirs (CUBLAS_STATUS_ALLOC_FAILED) as RuntimeErrors, and the C library says "cannot allocate".
