@@ -1,4 +1,4 @@
-"""CI: both workflow files pass actionlint, and the nightly script's stages run on the CPU against the smoke
+"""CI: both workflow files pass plain `actionlint`, and the nightly script's stages run on the CPU against the smoke
 suite (one cell): a first night with nothing to compare passes and says so; a night worse than a faked previous
 night fails with its regressions in the step summary. No network and no `gh`: the previous night comes from a
 local folder (BENCH_PREVIOUS_RESULTS)."""
@@ -32,13 +32,24 @@ def tool(name: str) -> str:
     return found
 
 
-def test_workflows_pass_actionlint():
-    # shellcheck beside it on PATH: actionlint then checks the `run:` scripts too.
+def actionlint(cwd: Path) -> subprocess.CompletedProcess:
+    """Plain `actionlint`, no flags, as a user types it: it finds the workflows and .github/actionlint.yaml itself.
+    shellcheck beside it on PATH: actionlint then checks the `run:` scripts too."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    out = subprocess.run([tool("actionlint"), "-config-file", "ci/actionlint.yaml", "-color=false",
-                          str(WORKFLOWS / "ci.yml"), str(WORKFLOWS / "nightly.yml")],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run([tool("actionlint")], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_plain_actionlint_passes_from_the_repository_root():
+    out = actionlint(ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_without_its_config_actionlint_rejects_the_gpu_label(tmp_path):
+    # What the config is for: the same workflows, the config left out, fail on the self-hosted label.
+    shutil.copytree(WORKFLOWS, tmp_path / ".github" / "workflows")
+    (tmp_path / ".git").mkdir()  # actionlint looks for the repository's root by its .git
+    out = actionlint(tmp_path)
+    assert out.returncode == 1 and 'label "gpu" is unknown' in out.stdout, out.stdout + out.stderr
 
 
 def test_nightly_script_passes_shellcheck():
