@@ -93,7 +93,7 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
             store.log_path(suite.name, cell.id, summary.run_id).write_text(outcome.log)
         store.write(row, outcome.epochs)
         if outcome.files and cell.save_model != "none":
-            store.keep_model(suite.name, cell.id, summary.run_id, outcome.files, cell.save_model, row.get("val_top1_best"))
+            store.keep_model(suite.name, cell.id, summary.run_id, outcome.files, cell.save_model, row.get("val_top1_tested"))
         summary.rows.append(row)
         report({"kind": "cell_done", "row": row})
 

@@ -276,6 +276,8 @@ def test_test_pass_uses_the_best_validation_epochs_weights(monkeypatch):
         monkeypatch.setattr(fit_module, "evaluate", fake_evaluate)
         outcome = train.run_cell(cell, splits, backbone, CPU, 10, on_event)
         assert outcome.row["test_epoch"] == expected_epoch and outcome.row["val_top1_best"] == 0.9
+        # A config is ranked on the validation score of the weights that were tested, not on the best epoch's.
+        assert outcome.row["val_top1_tested"] == [0.9, 0.5, 0.4][expected_epoch]
         assert torch.equal(at_test[0], snapshots[expected_epoch])
         assert not torch.equal(snapshots[0], snapshots[2])
 

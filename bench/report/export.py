@@ -89,7 +89,7 @@ def cells_frame(data: ReportData) -> pd.DataFrame:
         "config": [tables.config_label(r, data.extra) for r in rows.to_dict("records")],
         "seed": [fmt.text(v) for v in rows["seed"]], "mode": rows["mode"].astype(str),
         "status": rows["status"].astype(str),
-        "val_top1_%": [fmt.pct(v) for v in rows["val_top1_best"]], "test_top1_%": [fmt.pct(v) for v in rows["top1"]],
+        "val_top1_%": [fmt.pct(v) for v in rows["val_top1_tested"]], "test_top1_%": [fmt.pct(v) for v in rows["top1"]],
         "train": [fmt.seconds(v) for v in rows["train_s"]], "wall": [fmt.seconds(v) for v in rows["wall_s"]],
     })
 

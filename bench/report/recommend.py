@@ -2,7 +2,7 @@
 a margin of it, among the configs that meet the user's budget.
 
 Everything here chooses among the leaderboard's rows (each backbone config at the tuned values validation chose)
-by validation accuracy, the mean over seeds of `val_top1_best`; test accuracy is carried along and never decides.
+by validation accuracy, the mean over seeds of `val_top1_tested`; test accuracy is carried along and never decides.
 Functions take and return raw values (fractions, seconds, bytes); the report's text is made in `advice`.
 """
 

@@ -295,14 +295,15 @@ def cells(data: ReportData) -> Section:
     columns = [
         ("suite", lambda r: fmt.text(r["suite"]), False), ("config", lambda r: tables.config_label(r, data.extra), False),
         ("seed", lambda r: fmt.text(r["seed"]), True), ("mode", lambda r: fmt.text(r["mode"]), False),
-        ("status", lambda r: fmt.text(r["status"]), False), ("val top-1 %", lambda r: fmt.pct(r["val_top1_best"]), True),
+        ("status", lambda r: fmt.text(r["status"]), False), ("val top-1 %", lambda r: fmt.pct(r["val_top1_tested"]), True),
         ("test top-1 %", lambda r: fmt.pct(r["top1"]), True), ("test epoch", lambda r: fmt.text(r["test_epoch"]), True),
         ("train time", lambda r: fmt.seconds(r["train_s"]), True), ("images/s", lambda r: fmt.rate(r["images_per_s"]), True),
         ("run", lambda r: fmt.text(r["run_id"]), False), ("cell id", lambda r: fmt.text(r["cell_id"]), False),
         ("finished", lambda r: _when(r["finished_at"]), False),
     ]
-    note = ("Every shown cell, one row each (the newest row of a cell that ran more than once). Val top-1: the best "
-            "validation epoch; test top-1: measured on that epoch's weights (test epoch) where restore_best is on.")
+    note = ("Every shown cell, one row each (the newest row of a cell that ran more than once). Val top-1: the "
+            "validation score of the weights tested (test epoch): the best epoch's where restore_best is on, the last's "
+            "where it is off.")
     return Section("cells", "All cells").add("table", fmt.table("", rows, columns, note, details=True))
 
 

@@ -47,6 +47,10 @@ def normalise(cells: pd.DataFrame) -> pd.DataFrame:
     df["mode"] = df["mode"].fillna("train")
     df["freeze"] = df["freeze"].fillna("none")
     df["_when"] = df["finished_at"].fillna(df["started_at"])
+    # Rows from before val_top1_tested: the weights tested were the best epoch's where restore_best was on
+    # (its default), the last epoch's where it was off.
+    restored = df["restore_best"].fillna(True).astype(bool)
+    df["val_top1_tested"] = df["val_top1_tested"].fillna(df["val_top1_best"].where(restored, df["val_top1_final"]))
     return df
 
 

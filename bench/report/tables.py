@@ -2,8 +2,8 @@
 pivots, the Pareto front.
 
 Every choice made here (the leaderboard's order, the value a sweep keeps, the best config per point of a pivot
-or plot, the Pareto front) uses validation accuracy, the mean over seeds of `val_top1_best`: the epoch whose
-weights the test score was measured on (`restore_best`). Test accuracy is carried along for the chosen rows and
+or plot, the Pareto front) uses validation accuracy, the mean over seeds of `val_top1_tested`: the validation score of the weights the
+test score was measured on (the best epoch's with `restore_best`, the last epoch's without). Test accuracy is carried along for the chosen rows and
 never decides anything: with hundreds of configs, picking by test is how a test set gets overfit.
 A config without validation accuracy (val_fraction 0) cannot be chosen; it is listed after the ranked ones.
 
@@ -81,8 +81,8 @@ def config_table(rows: pd.DataFrame, config: list[str]) -> pd.DataFrame:
     """One row per config (suite, group_id), seeds folded into mean, std and n; ordered `by_validation`."""
     aggs = {c: (c, "first") for c in config if c not in GROUP}
     aggs |= {
-        "n": ("cell_id", "count"), "n_val": ("val_top1_best", "count"),
-        "val_mean": ("val_top1_best", "mean"), "val_std": ("val_top1_best", "std"),
+        "n": ("cell_id", "count"), "n_val": ("val_top1_tested", "count"),
+        "val_mean": ("val_top1_tested", "mean"), "val_std": ("val_top1_tested", "std"),
         "top1_mean": ("top1", "mean"), "top1_std": ("top1", "std"),
         "top5_mean": ("top5", "mean"), "train_s_mean": ("train_s", "mean"), "train_s_std": ("train_s", "std"),
         "images_per_s_mean": ("images_per_s", "mean"),

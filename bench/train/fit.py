@@ -117,6 +117,9 @@ def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
 
 def _parts(run: CellRun, t: _Timing, step: int, epochs: list[dict], best, test_epoch, reached_s,
            final: dict) -> tuple[Training, Accuracy]:
+    """The row's training and accuracy parts. `val_top1_tested` is the validation score of the weights the test
+    pass used (the best epoch's where they were restored, else the last's): a config is ranked on it, so its
+    rank and its test figure always describe the same weights."""
     steady_s = t.train_s - (t.warmup_s or 0.0)
     steady_images = t.images - t.warmup_images
     if steady_s <= 0 or steady_images <= 0:  # too few steps for a steady state: use the whole run
@@ -129,6 +132,7 @@ def _parts(run: CellRun, t: _Timing, step: int, epochs: list[dict], best, test_e
     )
     accuracy = Accuracy(
         top1=final["top1"], top5=final["top5"], val_top1_best=best, val_top1_final=last.get("val_top1"),
+        val_top1_tested=epochs[test_epoch].get("val_top1") if test_epoch is not None else None,
         train_loss_final=last.get("train_loss"), val_loss_final=last.get("val_loss"),
         target_reached=None if run.cell.target_top1 is None else reached_s is not None,
         time_to_target_s=reached_s, test_epoch=test_epoch, **class_metrics(final["confusion"]),
