@@ -107,7 +107,7 @@ def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_
         no_download, overrides, ray_address, partition, executor):
     """Run every cell of SUITE (default: the embedded smoke suite) that has no result yet."""
     from bench.progress import Progress
-    from bench.runner import RunOptions, matches, run_suite
+    from bench.runner import RunOptions, only_cells, run_suite
 
     if rerun and retry_failed:
         raise BenchError("--rerun runs every cell again and --retry-failed only the failed ones; pass one of them")
@@ -125,9 +125,9 @@ def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_
                          download=not no_download)
     where = (f"Ray ({ray_address})" if ray_address is not None else f"SLURM ({partition or 'default partition'})"
              if partition is not None else ", ".join(options.devices))
-    matching = f", {sum(matches(c, only) for c in cells)} matching --only {only}" if only else ""
+    matching = f", {len(only_cells(cells, only))} matching --only {only}" if only else ""
     click.echo(f"suite {loaded.name}: {len(cells)} cells{matching} on {where}; results in {results}/")
-    with Progress() as progress:
+    with Progress(cells=cells) as progress:
         summary = run_suite(loaded, cells, options, progress.handle)
     left_out = "ok or never run" if retry_failed else "already done"
     click.echo(f"run {summary.run_id}: {len(summary.rows)} cells run, {summary.skipped} {left_out}")

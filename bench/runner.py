@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 from bench import cellproc, executors, status
 from bench.cellproc import Job, Outcome
+from bench.errors import SuiteError, close_matches
 from bench.result import CellResult, Identity
 from bench.store import ResultStore
-from bench.suite import Cell, Suite
+from bench.suite import Cell, Suite, field_matches
 
 
 @dataclass(frozen=True)
@@ -54,19 +57,46 @@ def new_run_id() -> str:
 
 
 def matches(cell: Cell, pattern: str) -> bool:
-    """`--only`: a glob on the cell id or model name, or `field=value` (e.g. resolution=32)."""
+    """`--only`: a glob on the cell id or model name, or `field=value` with the value read as YAML (resolution=32,
+    pretrained=true, model=resnet18: model names match as in a suite's `exclude`)."""
     if "=" in pattern:
-        key, _, value = pattern.partition("=")
-        return str(getattr(cell, key.strip(), None)) == value.strip()
+        key, value = _only_field(pattern)
+        return field_matches(cell.model_dump()[key], value)
     bare = cell.model.split(":", 1)[-1]
     return any(fnmatch.fnmatchcase(s, pattern) for s in (cell.id, cell.model, bare))
+
+
+def _only_field(pattern: str) -> tuple[str, object]:
+    key, _, text = pattern.partition("=")
+    key = key.strip()
+    if key not in Cell.model_fields:
+        raise SuiteError(f"--only {pattern}: cells have no field {key!r}{close_matches(key, Cell.model_fields)}; "
+                         f"use FIELD=VALUE with a suite field such as resolution=32, or a glob on the cell id or model")
+    try:
+        return key, yaml.safe_load(text.strip())
+    except yaml.YAMLError:
+        return key, text.strip()
+
+
+def only_cells(cells: list[Cell], pattern: str | None) -> list[Cell]:
+    """The cells `--only PATTERN` selects; an unknown field or a pattern that selects nothing is an error that
+    lists what the suite holds."""
+    if pattern is None:
+        return list(cells)
+    chosen = [c for c in cells if matches(c, pattern)]
+    if not chosen and cells:
+        key = _only_field(pattern)[0] if "=" in pattern else "model"
+        present = sorted({str(c.model_dump()[key]) for c in cells})
+        raise SuiteError(f"--only {pattern} matches none of the suite's {len(cells)} cells; their {key} values are "
+                         f"{', '.join(present[:12])}{' ...' if len(present) > 12 else ''}")
+    return chosen
 
 
 def select(cells: list[Cell], store: ResultStore, suite: str, options: RunOptions) -> tuple[list[Cell], int]:
     """Cells to run, in suite order (of those `--only` matches): the ones without a row, every one with
     `--rerun`, or with `--retry-failed` the ones whose newest row is not ok. Returns them and how many of the
     matching cells were left out as done."""
-    chosen = [c for c in cells if options.only is None or matches(c, options.only)]
+    chosen = only_cells(cells, options.only)
     if options.retry_failed:
         latest = store.latest_statuses(suite)
         wanted = [c for c in chosen if latest.get(c.id, status.OK) != status.OK]

@@ -290,14 +290,16 @@ def _make_cell(fields: dict[str, Any], suite: Suite, origin: str, partial: dict[
 def _excluded(cell: Cell, rules: list[dict[str, Any]]) -> bool:
     values = cell.model_dump()
     for rule in rules:
-        if all(_matches(values.get(k), v) for k, v in rule.items()):
+        if all(field_matches(values.get(k), v) for k, v in rule.items()):
             return True
     return False
 
 
-def _matches(actual: Any, wanted: Any) -> bool:
+def field_matches(actual: Any, wanted: Any) -> bool:
+    """A cell's field against a value from a suite's `exclude` or `--only`: lists are any-of, strings are globs,
+    and a bare model name matches its canonical `tv:` form."""
     if isinstance(wanted, list):  # `resolution: [32, 64]` in an exclude entry: any of them
-        return any(_matches(actual, w) for w in wanted)
+        return any(field_matches(actual, w) for w in wanted)
     if isinstance(wanted, str) and isinstance(actual, str):
         # A bare model name in an exclude matches its canonical tv: form too.
         return fnmatch.fnmatchcase(actual, wanted) or fnmatch.fnmatchcase(actual.split(":", 1)[-1], wanted)

@@ -17,7 +17,7 @@ from bench import measure
 from bench.errors import ResultsError
 from bench.runner import RunOptions, matches, run_suite
 from bench.store import ResultStore
-from bench.suite import expand, parse_suite
+from bench.suite import Cell, expand, parse_suite
 
 TINY = {"steps": 2, "batch_size": 16, "train_subset": 64, "test_subset": 32, "pretrained": False,
         "resolution": 32, "epochs": 1}
@@ -290,3 +290,33 @@ def test_failures_are_classified(exc, status):
     from bench.status import classify
 
     assert classify(exc) == status
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("pretrained=true", 2), ("pretrained=false", 0), ("model=resnet18", 1), ("model=tv:resnet18", 1),
+    ("resolution=32", 2), ("freeze=all", 1), ("mobilenet*", 1),
+])
+def test_only_reads_values_as_yaml_and_model_names_as_suites_do(pattern, expected):
+    from bench.errors import SuiteError
+    from bench.runner import only_cells
+
+    cells = [Cell(suite="s", model="tv:resnet18", resolution=32), Cell(suite="s", model="tv:mobilenet_v3_small",
+                                                                        resolution=32, freeze="all")]
+    if expected:
+        assert len(only_cells(cells, pattern)) == expected
+    else:
+        with pytest.raises(SuiteError, match="matches none of the suite's 2 cells; their pretrained values are True"):
+            only_cells(cells, pattern)
+
+
+def test_only_with_an_unknown_field_or_no_match_is_one_clear_error(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    runner = CliRunner()
+    for args, said in ((["--only", "modle=resnet18"], "no field 'modle' (did you mean: mode, model?)"),
+                       (["--only", "resolution=999"], "their resolution values are")):
+        result = runner.invoke(main, ["run", "--results", str(tmp_path), *args])
+        assert result.exit_code == 2, result.output
+        assert said in result.output and "Traceback" not in result.output
