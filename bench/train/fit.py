@@ -10,10 +10,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from bench.result import Accuracy, Training
+from bench.train import weightstate
 from bench.train.context import CellRun, Loaders, Outcome
 from bench.train.metrics import class_metrics, evaluate, pack_correct
 from bench.train.step import Stepper
@@ -34,8 +34,8 @@ class BestWeights:
     """The weights of the best validation epoch, kept on disk in a temporary folder so they cost neither VRAM
     nor host RAM (which the cell's memory columns would otherwise count), restored before the test pass.
 
-    Only what training can change is kept: trainable parameters and the buffers beside them (BatchNorm's
-    running statistics); a frozen backbone's weights never move.
+    Only what training can change is kept (`weightstate.changing_state`), with the state dict's module versions,
+    which MNASNet needs to load it back.
     """
 
     def __init__(self, module: nn.Module):
@@ -43,17 +43,12 @@ class BestWeights:
         self._folder = tempfile.TemporaryDirectory(prefix="bench-best-")
         self._file = Path(self._folder.name) / "best.pt"
 
-    def _changing(self) -> dict[str, torch.Tensor]:
-        trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
-        buffers = {n for n, _ in self.module.named_buffers()}
-        return {k: v for k, v in self.module.state_dict().items() if k in trainable or k in buffers}
-
     def keep(self, epoch: int) -> None:
-        torch.save({k: v.detach().cpu() for k, v in self._changing().items()}, self._file)
+        weightstate.save(self._file, weightstate.changing_state(self.module, copy=False), sync=False)
         self.epoch = epoch
 
     def restore(self) -> None:
-        self.module.load_state_dict(torch.load(self._file, map_location="cpu", weights_only=True), strict=False)
+        weightstate.restore(self.module, weightstate.load(self._file))
 
     def close(self) -> None:
         self._folder.cleanup()
