@@ -141,6 +141,8 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
         with contextlib.closing(executor.run(jobs, report)) as outcomes:
             for cell, outcome in outcomes:
                 record(cell, outcome)
+        if summary.rows:  # the run completed: one file for it, so a report over many runs stays quick
+            store.compact_run(suite.name, summary.run_id)
     return summary
 
 

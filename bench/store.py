@@ -131,10 +131,22 @@ class ResultStore:
             except ResultsError:
                 raise ResultsError(f"a bench run is writing to {self.root}; compact it after that run has finished") from None
             for folder in self._suite_folders(None):
-                for kind in ("cells", "epochs"):
-                    for run_id, loose in _loose_by_run(folder / kind).items():
-                        _fold_run(folder / kind, run_id, loose, kind, done)
+                self._fold(folder, None, done)
         return done
+
+    def compact_run(self, suite: str, run_id: str) -> Compaction:
+        """Fold one finished run's files into its run file, as `compact` does; the caller holds the lock (a
+        `bench run` does this when its run completes, so a long history stays quick to read)."""
+        done = Compaction()
+        self._fold(self.root / suite, run_id, done)
+        return done
+
+    @staticmethod
+    def _fold(folder: Path, run: str | None, done: Compaction) -> None:
+        for kind in ("cells", "epochs"):
+            for run_id, loose in _loose_by_run(folder / kind).items():
+                if run is None or run_id == run:
+                    _fold_run(folder / kind, run_id, loose, kind, done)
 
     def _suite_folders(self, suites: Iterable[str] | None) -> list[Path]:
         if not self.root.is_dir():

@@ -144,8 +144,8 @@ def test_a_worse_night_fails_with_its_regressions(first_night, tmp_path):
     assert "Regressions against the previous night" in summary and "\n- smoke: " in summary
     assert "First night" not in summary
     # The uploaded results are tonight's alone; the previous night was only read beside them.
-    assert [p.name.split("--")[1] for p in (night / "results" / "smoke" / "cells").glob("*.parquet")] != [
-        "20000101T000000Z-before.parquet"]
+    assert [p.name for p in (night / "results" / "smoke" / "cells").glob("*.parquet")] != [
+        "20000101T000000Z-before.run.parquet"]
     assert len(list((night / "results" / "smoke" / "cells").glob("*.parquet"))) == 1
     # The long-lived history got tonight's run, compacted into one file.
     assert len(list((tmp_path / "history" / "smoke" / "cells").glob("*.run.parquet"))) == 1

@@ -53,6 +53,27 @@ def test_each_failure_mode_leaves_its_status_and_the_suite_completes(tmp_path, m
     assert (tmp_path / "faults" / "logs").is_dir()
 
 
+def test_a_completed_run_is_compacted_into_one_file_with_every_row(tmp_path):
+    suite = tiny_suite("fold", [0, 1])
+    cells = expand(suite)
+    written = []
+    real_write = ResultStore.write
+
+    def spy(self, row, epochs):  # each cell is still written on its own first: a kill loses no finished cell
+        written.append(real_write(self, row, epochs).name)
+        return written[-1]
+
+    import unittest.mock
+    with unittest.mock.patch.object(ResultStore, "write", spy):
+        summary = run_suite(suite, cells, RunOptions(results=tmp_path))
+    assert sorted(written) == sorted(f"{c.id}--{summary.run_id}.parquet" for c in cells)
+    for kind in ("cells", "epochs"):
+        assert [p.name for p in (tmp_path / "fold" / kind).glob("*.parquet")] == [f"{summary.run_id}.run.parquet"]
+    back = ResultStore(tmp_path).read()
+    assert sorted(back.cells["cell_id"]) == sorted(c.id for c in cells) and len(back.epochs) == 2
+    assert run_suite(suite, cells, RunOptions(results=tmp_path)).rows == []  # resume reads the compacted file
+
+
 def test_second_run_skips_done_cells_and_rerun_keeps_old_rows(tmp_path):
     suite = tiny_suite("again", [0])
     cells = expand(suite)
