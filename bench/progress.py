@@ -1,17 +1,28 @@
-"""Progress while a suite runs: a bar over cells and one over the current cell's steps on a
-terminal; one plain line per finished cell otherwise, so CI logs stay readable."""
+"""Progress while a suite runs. On a terminal: the suite's bar over cells, and one bar per running cell over its
+steps (with `--gpus` several run at once; each cell's events carry its cell_id, so each moves its own bar), removed
+when the cell finishes. Otherwise one plain line per finished cell, so CI logs stay readable."""
 
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+
+def label(cell: Mapping) -> str:
+    """A cell in a few words: the fields that tell a suite's cells apart most often."""
+    return f"{cell['model']} {cell['resolution']}px bs{cell['batch_size']} freeze={cell['freeze']} seed{cell['seed']}"
 
 
 def describe(row: dict) -> str:
     """One line for a finished cell: what it was, how it ended, accuracy, time and memory."""
-    what = f"{row['model']} {row['resolution']}px bs{row['batch_size']} freeze={row['freeze']} seed{row['seed']}"
+    what = label(row)
     if row["status"] != "ok":
         return f"{what}: {row['status']} ({row.get('error') or 'no message'})"
     parts = [f"top1 {row['top1']:.3f}" if row.get("top1") is not None else None,
@@ -24,20 +35,28 @@ def describe(row: dict) -> str:
 
 
 class Progress:
-    def __init__(self, stream=None):
+    """Turns the runner's events into bars (on a terminal) or lines. Events come from one relay thread per
+    running cell, so `handle` takes a lock; each cell's bar is found by the cell_id its events carry."""
+
+    def __init__(self, stream=None, cells: Iterable = ()):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.cells = self.steps = None
+        self.labels = {c.id: label(c.model_dump()) for c in cells}
+        self.cells: tqdm | None = None  # the suite's bar, at the top
+        self.running: dict[str, tqdm] = {}  # cell_id -> that cell's step bar, while it runs
+        self.lines: dict[str, int] = {}  # cell_id -> its bar's line under the suite's (tqdm's position)
         self.done = self.total = 0
-        self.lock = threading.Lock()  # events come from one relay thread per running cell
+        self.lock = threading.Lock()
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:
-        for bar in (self.steps, self.cells):
+        for bar in [*self.running.values(), self.cells]:
             if bar is not None:
                 bar.close()
+        self.running.clear()
+        self.lines.clear()
 
     def handle(self, event: dict) -> None:
         with self.lock:
@@ -50,22 +69,43 @@ class Progress:
             if self.tty:
                 from tqdm import tqdm
 
-                self.cells = tqdm(total=self.total, desc="cells", position=0, file=self.stream)
-        elif kind == "start" and self.tty:
-            from tqdm import tqdm
-
-            if self.steps is not None:
-                self.steps.close()
-            self.steps = tqdm(total=event["total_steps"], desc="steps", position=1, leave=False, file=self.stream)
-        elif kind in ("step", "epoch") and self.steps is not None:
-            self.steps.n = event["step"]
-            self.steps.refresh()
+                self.cells = tqdm(total=self.total, desc="cells", unit="cell", position=0, file=self.stream)
+        elif kind == "start" and self.tty and event.get("cell_id"):
+            self._start(event["cell_id"], event["total_steps"])
+        elif kind in ("step", "epoch") and event.get("cell_id") in self.running:
+            bar = self.running[event["cell_id"]]
+            bar.n = event["step"]
+            bar.refresh()
         elif kind == "cell_done":
-            self.done += 1
-            line = f"[{self.done}/{self.total}] {describe(event['row'])}"
-            if self.cells is not None:
-                self.cells.update(1)
-                self.cells.set_postfix_str(line[:80])
-                self.cells.write(line, file=self.stream)
-            else:
-                click.echo(line, file=self.stream)
+            self._finished(event["row"])
+
+    def _start(self, cell_id: str, total_steps: int) -> None:
+        """A bar for the cell on the lowest free line under the suite's (a cell that starts again keeps its line)."""
+        from tqdm import tqdm
+
+        if cell_id in self.running:
+            self.running.pop(cell_id).close()
+        else:
+            taken = set(self.lines.values())
+            self.lines[cell_id] = next(i for i in range(1, len(taken) + 2) if i not in taken)
+        self.running[cell_id] = tqdm(total=total_steps, desc=self.labels.get(cell_id, cell_id), unit="step",
+                                     position=self.lines[cell_id], leave=False, file=self.stream)
+        self._show_running()
+
+    def _finished(self, row: dict) -> None:
+        self.done += 1
+        line = f"[{self.done}/{self.total}] {describe(row)}"
+        bar = self.running.pop(row.get("cell_id"), None)
+        self.lines.pop(row.get("cell_id"), None)
+        if bar is not None:
+            bar.close()
+        if self.cells is not None:
+            self._show_running()
+            self.cells.update(1)
+            self.cells.write(line, file=self.stream)
+        else:
+            click.echo(line, file=self.stream)
+
+    def _show_running(self) -> None:
+        if self.cells is not None:
+            self.cells.set_postfix_str(f"{len(self.running)} running")
