@@ -65,6 +65,8 @@ def make_row(cell: Cell, run_id: str, when: dt.datetime, **overrides) -> dict:
         "images_per_s": 4000.0 * 64 / cell.resolution * (cell.batch_size / 32) ** 0.3,
         "peak_vram_allocated_bytes": int(cell.batch_size * cell.resolution**2 * VRAM[cell.model]),
         "peak_vram_reserved_bytes": None, "peak_vram_nvml_bytes": None, "peak_host_rss_bytes": 3 * 2**30,
+        "peak_host_pss_bytes": 2 * 2**30, "concurrent_cells": 1,
+        "peak_vram_process_bytes": int(cell.batch_size * cell.resolution**2 * VRAM[cell.model]) + 600 * 2**20,
         "data_device_bytes": DATA_BYTES,
         "peak_vram_train_bytes": int(cell.batch_size * cell.resolution**2 * VRAM[cell.model]) - DATA_BYTES // 10,
         "infer_latency_ms_p50": LATENCY_MS[cell.model] * cell.resolution / 64,
@@ -203,7 +205,8 @@ def test_leaderboard_units(report):
     first = md_table_after(markdown, "## Leaderboard")[0]  # convnext_tiny r128 bs32 freeze=none
     assert (first["model"], first["resolution"], first["batch_size"], first["freeze"]) == ("convnext_tiny", "128", "32", "none")
     assert first["peak VRAM"] == f"{32 * 128**2 * VRAM['convnext_tiny'] / 2**20:.0f} MiB"
-    assert first["peak host RAM"] == "3.00 GiB"
+    assert first["peak host RAM"] == "2.00 GiB"  # PSS, not the RSS (3 GiB) that counts shared pages per process
+    assert first["VRAM on the card"] == f"{(32 * 128**2 * VRAM['convnext_tiny'] + 600 * 2**20) / 2**30:.2f} GiB"
     assert first["train time"] == "3.0 min"  # seeds: 180, 181, 182 s
     assert first["trainable params"] == "28.59 M" and first["GFLOPs/image"] == f"{1.8 * (128 / 224) ** 2:.2f}"
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from bench.errors import ReportError
 from bench.report import build_report
 from bench.report import plots as report_plots
 from bench.report.build import load
-from bench.report.export import RENAMED, leaderboard_frame
+from bench.report.export import RENAMED
 from bench.report.recommend import Budget, parse_size
 from bench.store import ResultStore
 from bench.suite import Cell
@@ -119,7 +121,7 @@ def test_budget_filters_and_moves_the_best(results, tmp_path, monkeypatch):
     assert advice.ties.empty
     monkeypatch.setattr(report_plots, "PLOTS", {})
     markdown = build_report(root, tmp_path / "out", budget=Budget(max_vram_bytes=8 * GIB)).markdown.read_text()
-    assert (f"**Within your budget (training VRAM ≤ 8.00 GiB (--max-vram)), pick resnet50 at 224 px, batch 128, "
+    assert (f"**Within your budget (VRAM on the card ≤ 8.00 GiB (--max-vram)), pick resnet50 at 224 px, batch 128, "
             f"fine-tuned end to end ({groups['B']}): the best validation top-1, 89.50%; test 89.00%.**") in markdown
     assert "4 of 6 ranked configs meet it. It leaves out the overall #1, convnext_tiny" in markdown
     within_hour = picks(root, Budget(max_train_hours=0.1))  # 360 s: C (300 s) and E (50 s)
@@ -141,7 +143,7 @@ def test_a_budget_nothing_meets_names_the_closest(results, tmp_path, monkeypatch
     assert out.exit_code == 0, out.output
     markdown = (tmp_path / "rep" / "leaderboard.md").read_text()
     section = markdown[markdown.index("## Which should I pick?"):markdown.index("## Leaderboard")]
-    assert ("**No config meets your budget (training VRAM ≤ 512 MiB (--max-vram), latency at batch 1 (median) ≤ "
+    assert ("**No config meets your budget (VRAM on the card ≤ 512 MiB (--max-vram), latency at batch 1 (median) ≤ "
             "2.0 ms (--max-latency-ms)), so nothing is recommended.**") in section
     assert "The closest is mobilenet_v2 at 128 px, batch 128, linear probe (backbone frozen)" in section
     assert groups["E"] in section
@@ -152,9 +154,9 @@ def test_a_budget_on_a_column_nobody_recorded(tmp_path):
     root = tmp_path / "results"
     write_configs(root, cpu=True)
     advice = load(root, budget=Budget(max_vram_bytes=8 * GIB)).data.advice
-    assert advice.picks.empty and advice.closest is None and advice.unknown == ["peak_vram_train_bytes"]
+    assert advice.picks.empty and advice.closest is None and advice.unknown == ["vram_card_bytes"]
     outcome = build_report(root, tmp_path / "out", budget=Budget(max_vram_bytes=8 * GIB))
-    assert "No config recorded peak_vram_train_bytes" in outcome.markdown.read_text()
+    assert "No config recorded peak_vram_process_bytes or peak_vram_train_bytes" in outcome.markdown.read_text()
 
 
 def test_the_section_comes_first_and_says_the_config_in_words(results, tmp_path, monkeypatch):
@@ -214,16 +216,45 @@ def test_csv_round_trips_the_leaderboard(results, tmp_path):
     assert set(back.loc[back["config_id"] == groups["C"], "recommended"]) == {"cheapest, fastest"}
 
 
+def mcnemar_holm(best: str, names: list[str]) -> dict[str, float]:
+    """Exact two-sided McNemar p of each config against BEST on the same test images, Holm-adjusted over them
+    (written here from the definitions, not with bench's statistics)."""
+    right = {n: np.unpackbits(np.frombuffer(base64.b64decode(CONFIGS[n][7]), np.uint8))[:N_TEST].astype(bool)
+             for n in names + [best]}
+    raw = {}
+    for n in names:
+        b, c = int((right[best] & ~right[n]).sum()), int((~right[best] & right[n]).sum())
+        raw[n] = min(1.0, 2 * sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c))
+    adjusted, running = {}, 0.0
+    for i, n in enumerate(sorted(names, key=raw.get)):
+        running = max(running, min(1.0, (len(names) - i) * raw[n]))
+        adjusted[n] = running
+    return adjusted
+
+
 def test_json_holds_the_same_numbers(results):
-    root, _ = results
+    root, groups = results
     out = CliRunner().invoke(main, ["results", "--results", str(root), "--format", "json"])
     assert out.exit_code == 0, out.output
     records = json.loads(out.output)
-    expected = leaderboard_frame(load(root).data)
-    assert [r["config_id"] for r in records] == list(expected["config_id"])
-    assert [r["val_top1_mean"] for r in records] == list(expected["val_top1_mean"])
-    assert [r["p_holm"] for r in records] == [None if np.isnan(v) else v for v in expected["p_holm"]]
-    assert all(isinstance(r["rank"], int) and isinstance(r["model_bytes"], int) for r in records)
+    order = sorted(CONFIGS, key=lambda n: -statistics.mean(CONFIGS[n][1]))  # ranked by mean validation top-1
+    assert [r["config_id"] for r in records] == [groups[n] for n in order]
+    assert [r["rank"] for r in records] == list(range(1, len(order) + 1))
+    p = mcnemar_holm(order[0], [n for n in order[1:] if CONFIGS[n][7] is not None])
+    for record, name in zip(records, order):
+        fields, vals, top1, train_s, latency, params, _, _ = CONFIGS[name]
+        train_mean = statistics.mean(train_s + seed for seed in range(len(vals)))  # write_configs adds the seed
+        assert record == {**record, "model": fields["model"], "resolution": fields.get("resolution", 224),
+                          "freeze": fields.get("freeze", "none"), "seeds": len(vals),
+                          "val_top1_mean": pytest.approx(statistics.mean(vals)),
+                          "val_top1_std": pytest.approx(statistics.stdev(vals)) if len(vals) > 1 else None,
+                          "test_top1_mean": pytest.approx(top1), "train_s_mean": pytest.approx(train_mean),
+                          "train_hours": pytest.approx(train_mean / 3600), "infer_latency_ms_p50": latency,
+                          "infer_images_per_s": pytest.approx(1000 / latency), "total_params": params,
+                          "model_bytes": 4 * params, "p_holm": pytest.approx(p[name], rel=1e-9) if name in p else None}
+        assert isinstance(record["rank"], int) and isinstance(record["model_bytes"], int)
+    assert {r["config_id"]: r["recommended"] for r in records if r["recommended"]} == {
+        groups["A"]: "best", groups["C"]: "cheapest, fastest", groups["D"]: "smallest"}
 
 
 def test_results_table_lists_runs_and_cells(tmp_path):

@@ -167,6 +167,25 @@ def _limits_text(advice: Advice) -> str:
     return ", ".join(f"{limit.what} ≤ {units[limit.option](value)} ({limit.flag})" for limit, value in advice.budget.limits())
 
 
+def vram_card_text(row: pd.Series) -> str:
+    """The VRAM figure --max-vram judges, said as what it is."""
+    text = fmt.nbytes(row["vram_card_bytes"])
+    return f"{text} (allocator's training peak: no per-process figure recorded)" if row["vram_allocator_fallback"] else text
+
+
+def _vram_fallback_note(data: ReportData) -> str:
+    """Which ranked configs --max-vram judges on the allocator's training peak, smaller than the card needs."""
+    if data.advice.budget.max_vram_bytes is None:
+        return ""
+    ranked = data.leaderboard[data.leaderboard["rank"].notna()]
+    older = int(ranked["vram_allocator_fallback"].fillna(False).astype(bool).sum())
+    if not older:
+        return ""
+    return (f" --max-vram judges the VRAM the cell's process held on its GPU (NVML); {older} ranked config(s) "
+            "recorded before that figure are judged on the allocator's training peak instead, which leaves out the "
+            "CUDA context and the allocator's reserve (about 0.5 GB or more): they may need more than it says.")
+
+
 def _budget_note(data: ReportData) -> str:
     advice = data.advice
     if not advice.budget.limits():
@@ -175,7 +194,7 @@ def _budget_note(data: ReportData) -> str:
     first = data.leaderboard.iloc[0]
     if advice.best["group_id"] != first["group_id"]:
         text += f" It leaves out the overall #1, {_named(data, first)}, at {fmt.pct(first['val_mean'])}% validation."
-    return text
+    return text + _vram_fallback_note(data)
 
 
 def _nothing_meets(section: Section, data: ReportData) -> Section:
@@ -194,14 +213,16 @@ def _nothing_meets(section: Section, data: ReportData) -> Section:
                 f"test {fmt.pct(row['top1_mean'])}%.")
     for column in advice.unknown:
         limit = next(lm for lm in LIMITS if lm.column == column)
-        text += (f" No config recorded {column} ({limit.what}; CPU runs record no VRAM), so none is known to meet "
+        named = "peak_vram_process_bytes or peak_vram_train_bytes" if column == "vram_card_bytes" else column
+        text += (f" No config recorded {named} ({limit.what}; CPU runs record no VRAM), so none is known to meet "
                  f"{limit.flag}.")
+    text += _vram_fallback_note(data)
     return section.add("note", text.strip()).add("note", _rules(advice))
 
 
 def _value(option: str, row: pd.Series) -> str:
     if option == "max_vram_bytes":
-        return fmt.nbytes(row["peak_vram_train_bytes"])
+        return vram_card_text(row)
     if option == "max_latency_ms":
         return fmt.ms(row["infer_latency_ms_p50"])
     return f"{_hours(row)} ({fmt.seconds(row['train_s_mean'])})"

@@ -34,24 +34,75 @@ def _metrics(prefix: list[fmt.Column]) -> list[fmt.Column]:
         ("vs #1 (McNemar)", lambda r: r["vs_best"] or fmt.DASH, False),
         ("p (Holm)", lambda r: _p(r["p_holm"]), True),
         ("test top-5 %", lambda r: fmt.pct(r["top5_mean"]), True),
-        ("train time", lambda r: fmt.seconds(r["train_s_mean"]), True),
-        ("device-hours", lambda r: f"{fmt.hours(r['train_hours'])} {r['train_device']}-h"
-         if pd.notna(r["train_hours"]) else fmt.DASH, True),
-        ("images/s", lambda r: fmt.rate(r["images_per_s_mean"]), True),
-        ("latency batch 1 (p50)", lambda r: fmt.ms(r["infer_latency_ms_p50"]), True),
-        ("latency p95", lambda r: fmt.ms(r["infer_latency_ms_p95"]), True),
-        ("inference images/s", lambda r: fmt.rate(r["infer_images_per_s"]), True),
+        ("train time", _timed(lambda r: fmt.seconds(r["train_s_mean"])), True),
+        ("device-hours", _timed(lambda r: f"{fmt.hours(r['train_hours'])} {r['train_device']}-h"
+                                if pd.notna(r["train_hours"]) else fmt.DASH), True),
+        ("images/s", _timed(lambda r: fmt.rate(r["images_per_s_mean"])), True),
+        ("latency batch 1 (p50)", _timed(lambda r: fmt.ms(r["infer_latency_ms_p50"])), True),
+        ("latency p95", _timed(lambda r: fmt.ms(r["infer_latency_ms_p95"])), True),
+        ("inference images/s", _timed(lambda r: fmt.rate(r["infer_images_per_s"])), True),
         ("weights", lambda r: fmt.nbytes(r["model_bytes"]), True),
+        ("VRAM on the card", lambda r: fmt.nbytes(r["peak_vram_process_bytes"]), True),
         ("peak VRAM", lambda r: fmt.nbytes(r["peak_vram_allocated_bytes"]), True),
         ("VRAM for training", lambda r: fmt.nbytes(r["peak_vram_train_bytes"]), True),
         ("inference VRAM", lambda r: fmt.nbytes(r["infer_peak_vram_bytes"]), True),
-        ("peak host RAM", lambda r: fmt.nbytes(r["peak_host_rss_bytes"]), True),
+        ("peak host RAM", _host_ram, True),
         ("trainable params", lambda r: fmt.count(r["trainable_params"]), True),
         ("total params", lambda r: fmt.count(r["total_params"]), True),
         ("GFLOPs/image", lambda r: fmt.gflops(r["flops_per_image"]), True),
         ("config id", lambda r: fmt.text(r["group_id"]), False),
         ("cell ids", lambda r: fmt.text(r["cell_ids"]), False),
     ]
+
+
+SHARED = "†"  # marks a time measured while other cells ran on the same host
+
+
+def _shared(r: pd.Series) -> bool:
+    value = pd.to_numeric(r.get("concurrent_cells"), errors="coerce")
+    return bool(pd.notna(value) and value > 1)
+
+
+def _timed(show: Callable[[pd.Series], str]) -> Callable[[pd.Series], str]:
+    """A time column whose figure is marked † when its cell ran beside other cells on its host."""
+    def get(r: pd.Series) -> str:
+        text = show(r)
+        return f"{text} {SHARED}" if text != fmt.DASH and _shared(r) else text
+
+    return get
+
+
+def _host_ram(r: pd.Series) -> str:
+    """Peak host RAM as PSS; '(RSS)' where only RSS was recorded (rows from before PSS)."""
+    text = fmt.nbytes(r["peak_host_bytes"])
+    return f"{text} (RSS)" if text != fmt.DASH and bool(r["host_rss_fallback"]) else text
+
+
+def memory_note(frame: pd.DataFrame) -> str:
+    """What the memory columns mean, below a table that shows them (VRAM only where some row recorded it)."""
+    text = "Memory: the largest peak of any seed. "
+    if frame["peak_vram_allocated_bytes"].notna().any():
+        text += ("VRAM on the card: what the cell's process held on its GPU (NVML, per process: CUDA context and "
+                 "allocator reserve included), what --max-vram budgets; peak and training VRAM: the allocator's "
+                 "(training VRAM without the resident dataset); inference VRAM: one batch's peak on the trained "
+                 "weights, without gradients or optimizer state. ")
+    text += "Host RAM: the PSS of the cell's process tree (a page its processes share counted once)"
+    if frame["host_rss_fallback"].fillna(False).astype(bool).any():
+        text += "; (RSS): rows from before PSS was recorded, where a page shared by n processes counts n times"
+    return text + "."
+
+
+def shared_note(frame: pd.DataFrame) -> str:
+    """The sentence under a table whose time figures include rows that shared their host (empty when none did)."""
+    if frame.empty:
+        return ""
+    shared = tables.shared_host(frame)
+    if not shared.any():
+        return ""
+    most = int(pd.to_numeric(frame["concurrent_cells"], errors="coerce").max())
+    return (f"{SHARED} {int(shared.sum())} row(s) ran beside other cells on the same host (up to {most} at once, "
+            "concurrent_cells): they shared its CPU cores and memory bandwidth, so their times are slower than the "
+            "cell alone would be; compare them with rows that ran alone with care.")
 
 
 def _p(value: object) -> str:
@@ -130,7 +181,8 @@ def leaderboard(data: ReportData) -> Section:
     columns = _metrics(rank + fmt.config_columns(config) + tuned)
     note = " ".join(filter(None, [SELECTION_NOTE, _sweep_note(data)]))
     section.add("table", _drop_empty(fmt.table("", board, columns, note, css=_row_class)))
-    for legend in filter(None, [_mcnemar_note(board), _unranked_note(board)]):  # read below the table
+    legends = [shared_note(board), _mcnemar_note(board), _unranked_note(board), memory_note(board)]
+    for legend in filter(None, legends):  # read below the table
         section.add("note", legend)
     return section.add("table", _pareto(data))
 
@@ -138,14 +190,16 @@ def leaderboard(data: ReportData) -> Section:
 def _pareto(data: ReportData) -> fmt.Table:
     columns = [
         ("#", lambda r: str(r["front_no"]), True), ("config", lambda r: fmt.text(r["label"]), False),
-        *_accuracy(), ("train time", lambda r: fmt.seconds(r["train_s_mean"]), True),
+        *_accuracy(), ("train time", _timed(lambda r: fmt.seconds(r["train_s_mean"])), True),
         ("config id", lambda r: fmt.text(r["group_id"]), False),
     ]
     left_out = int(data.leaderboard["val_mean"].isna().sum())
     note = ("Leaderboard configs no other beats on both validation accuracy and train time (the numbered points "
             "in the accuracy vs train time plot), fastest first; the front is drawn on validation, test is reported."
             + (f" {left_out} config(s) without validation accuracy are not on it." if left_out else ""))
-    return fmt.table("Pareto front: validation accuracy vs train time", tables.pareto_rows(data.leaderboard), columns, note)
+    front = tables.pareto_rows(data.leaderboard)
+    note = " ".join(filter(None, [note, shared_note(front)]))
+    return fmt.table("Pareto front: validation accuracy vs train time", front, columns, note)
 
 
 def sweep(data: ReportData) -> Section:
@@ -162,11 +216,12 @@ def sweep(data: ReportData) -> Section:
         ("config", lambda r: fmt.text(r["backbone_label"]), False),
         *[(c, (lambda r, c=c: fmt.text(r[c])), True) for c in data.tuned],
         ("chosen", lambda r: "✓" if r["group_id"] in chosen else "", False), *_accuracy(), ("n", _n, True),
-        ("train time", lambda r: fmt.seconds(r["train_s_mean"]), True),
+        ("train time", _timed(lambda r: fmt.seconds(r["train_s_mean"])), True),
         ("config id", lambda r: fmt.text(r["group_id"]), False),
     ]
     note = (f"Every value tried for the {len(folded)} leaderboard row(s) that fold a sweep, best validation first; "
             "✓ marks the one validation chose, whose test top-1 the leaderboard reports.")
+    note = " ".join(filter(None, [note, shared_note(rows)]))
     return section.add("table", fmt.table("", rows, columns, note, details=len(rows) > 25,
                                           css=lambda r: "near" if r["group_id"] in chosen else ""))
 
@@ -191,14 +246,16 @@ def speed(data: ReportData) -> Section:
     if data.speed.empty:
         return section.add("note", "No throughput-mode cells in these results.")
     columns = fmt.config_columns(data.config) + [
-        ("images/s (mean ± std)", lambda r: _rate_std(r["images_per_s_mean"], r["images_per_s_std"]), True),
-        ("n", lambda r: fmt.text(r["n"]), True), ("warm-up", lambda r: fmt.seconds(r["warmup_s_mean"]), True),
+        ("images/s (mean ± std)", _timed(lambda r: _rate_std(r["images_per_s_mean"], r["images_per_s_std"])), True),
+        ("n", lambda r: fmt.text(r["n"]), True), ("warm-up", _timed(lambda r: fmt.seconds(r["warmup_s_mean"])), True),
+        ("VRAM on the card", lambda r: fmt.nbytes(r["peak_vram_process_bytes"]), True),
         ("peak VRAM", lambda r: fmt.nbytes(r["peak_vram_allocated_bytes"]), True),
-        ("peak host RAM", lambda r: fmt.nbytes(r["peak_host_rss_bytes"]), True),
+        ("peak host RAM", _host_ram, True),
         ("GFLOPs/image", lambda r: fmt.gflops(r["flops_per_image"]), True),
         ("config id", lambda r: fmt.text(r["group_id"]), False),
     ]
-    note = "Cells run with mode: throughput measure speed only (no accuracy); fastest first."
+    note = " ".join(filter(None, ["Cells run with mode: throughput measure speed only (no accuracy); fastest first.",
+                                  shared_note(data.speed), memory_note(data.speed)]))
     return section.add("table", _drop_empty(fmt.table("", data.speed, columns, note)))
 
 
@@ -297,13 +354,15 @@ def cells(data: ReportData) -> Section:
         ("seed", lambda r: fmt.text(r["seed"]), True), ("mode", lambda r: fmt.text(r["mode"]), False),
         ("status", lambda r: fmt.text(r["status"]), False), ("val top-1 %", lambda r: fmt.pct(r["val_top1_tested"]), True),
         ("test top-1 %", lambda r: fmt.pct(r["top1"]), True), ("test epoch", lambda r: fmt.text(r["test_epoch"]), True),
-        ("train time", lambda r: fmt.seconds(r["train_s"]), True), ("images/s", lambda r: fmt.rate(r["images_per_s"]), True),
+        ("train time", _timed(lambda r: fmt.seconds(r["train_s"])), True),
+        ("images/s", _timed(lambda r: fmt.rate(r["images_per_s"])), True),
         ("run", lambda r: fmt.text(r["run_id"]), False), ("cell id", lambda r: fmt.text(r["cell_id"]), False),
         ("finished", lambda r: _when(r["finished_at"]), False),
     ]
     note = ("Every shown cell, one row each (the newest row of a cell that ran more than once). Val top-1: the "
             "validation score of the weights tested (test epoch): the best epoch's where restore_best is on, the last's "
             "where it is off.")
+    note = " ".join(filter(None, [note, shared_note(rows)]))
     return Section("cells", "All cells").add("table", fmt.table("", rows, columns, note, details=True))
 
 

@@ -90,6 +90,8 @@ def config_table(rows: pd.DataFrame, config: list[str]) -> pd.DataFrame:
         "peak_vram_allocated_bytes": ("peak_vram_allocated_bytes", "max"),
         "peak_vram_train_bytes": ("peak_vram_train_bytes", "max"), "data_device_bytes": ("data_device_bytes", "max"),
         "peak_host_rss_bytes": ("peak_host_rss_bytes", "max"),
+        "peak_vram_process_bytes": ("peak_vram_process_bytes", "max"),
+        **MEMORY_AGGS, "concurrent_cells": ("concurrent_cells", "max"),
         "trainable_params": ("trainable_params", "first"), "total_params": ("total_params", "first"),
         "flops_per_image": ("flops_per_image", "first"), "train_images": ("train_images", "first"),
         # Serving cost, measured on each trained cell: rates and latencies are means over seeds, bytes the largest.
@@ -101,11 +103,36 @@ def config_table(rows: pd.DataFrame, config: list[str]) -> pd.DataFrame:
         "gpu_name": ("gpu_name", "first"),
         "cell_ids": ("cell_id", lambda ids: ", ".join(sorted(ids))),
     }
-    configs = _fold(rows.assign(_on_gpu=rows["device"].astype(str).str.startswith("cuda") | rows["gpu_name"].notna()), aggs)
+    on_gpu = rows["device"].astype(str).str.startswith("cuda") | rows["gpu_name"].notna()
+    configs = _fold(with_memory(rows).assign(_on_gpu=on_gpu), aggs)
     # One cell holds one device for its train time: device-hours are GPU-hours on a GPU, CPU-hours on a CPU.
     configs["train_hours"] = configs["train_s_mean"].astype(float) / 3600
     configs["train_device"] = np.where(configs["on_gpu"].astype(bool), "GPU", "CPU")
     return by_validation(configs.drop(columns="on_gpu"))
+
+
+# The memory a user meets, one figure each, per config the worst seed: host RAM is the process tree's PSS (shared
+# pages counted once), RSS only for rows from before PSS was recorded; VRAM is what the cell's process held on its
+# GPU (NVML, per process: CUDA context and allocator reserve included), the allocator's training peak for rows from
+# before that was recorded. The *_fallback columns say a config's figure came from the older column.
+MEMORY_AGGS = {
+    "peak_host_bytes": ("_host", "max"), "host_rss_fallback": ("_host_rss", "max"),
+    "vram_card_bytes": ("_vram_card", "max"), "vram_allocator_fallback": ("_vram_allocator", "max"),
+}
+
+
+def with_memory(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with the per-row figures MEMORY_AGGS folds: host RAM (PSS, else RSS), VRAM on the card (the
+    process's, else the allocator's training peak), and whether each came from the older column."""
+    pss, rss = rows["peak_host_pss_bytes"], rows["peak_host_rss_bytes"]
+    process, train = rows["peak_vram_process_bytes"], rows["peak_vram_train_bytes"]
+    return rows.assign(_host=pss.fillna(rss), _host_rss=pss.isna() & rss.notna(),
+                       _vram_card=process.fillna(train), _vram_allocator=process.isna() & train.notna())
+
+
+def shared_host(rows: pd.DataFrame) -> pd.Series:
+    """True for rows (or configs) whose cell ran beside other cells on its host: their times are not a cell's alone."""
+    return pd.to_numeric(rows["concurrent_cells"], errors="coerce").fillna(1) > 1
 
 
 def by_validation(configs: pd.DataFrame) -> pd.DataFrame:
@@ -166,9 +193,11 @@ def speed_table(rows: pd.DataFrame, config: list[str]) -> pd.DataFrame:
         "n": ("cell_id", "count"), "images_per_s_mean": ("images_per_s", "mean"),
         "images_per_s_std": ("images_per_s", "std"), "warmup_s_mean": ("warmup_s", "mean"),
         "peak_vram_allocated_bytes": ("peak_vram_allocated_bytes", "max"),
+        "peak_vram_process_bytes": ("peak_vram_process_bytes", "max"), **MEMORY_AGGS,
+        "concurrent_cells": ("concurrent_cells", "max"),
         "peak_host_rss_bytes": ("peak_host_rss_bytes", "max"), "flops_per_image": ("flops_per_image", "first"),
     }
-    table = _fold(rows, aggs)
+    table = _fold(with_memory(rows), aggs)
     return table.sort_values("images_per_s_mean", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
 
 
