@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench import saved
 from bench.data import synthetic_raw
 from bench.runner import RunOptions, run_suite
 from bench.saved import predict
@@ -30,17 +31,28 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
-def _suite(folder: Path, save: str, seeds: list[int]):
+def _suite(folder: Path, save: str, seeds: list[int], **defaults):
     return parse_suite({"name": "keep", "dataset": f"imagefolder:{folder}",
                         "defaults": {"pretrained": False, "epochs": 2, "batch_size": 16, "resolution": 32,
-                                     "save_model": save, "infer_bench": "off", "seeds": seeds},
+                                     "save_model": save, "infer_bench": "off", "seeds": seeds, **defaults},
                         "grid": {"model": ["tv:resnet18"]}})
 
 
+def _test_images(folder: Path) -> tuple[list[Path], list[int]]:
+    """The test split in the order the cell evaluated it: classes in order, files sorted within each."""
+    images = sorted((folder / "test").glob("*/*.png"), key=lambda p: (p.parent.name, p.name))
+    return images, [int(p.parent.name.removeprefix("class")) for p in images]
+
+
 @pytest.fixture(scope="module")
-def kept(tmp_path_factory):
+def images(tmp_path_factory) -> Path:
+    return _image_folder(tmp_path_factory.mktemp("keep-images"))
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory, images):
     root = tmp_path_factory.mktemp("keep")
-    folder = _image_folder(root / "images")
+    folder = images
     suite = _suite(folder, "all", [0, 1])
     rows = run_suite(suite, expand(suite), RunOptions(results=root / "results", data_root=root / "data")).rows
     return root, folder, rows
@@ -54,9 +66,7 @@ def test_save_model_all_keeps_every_ok_cell_and_predict_matches_its_test_pass(ke
         weights = models / f"{row['cell_id']}--{row['run_id']}.safetensors"
         meta = json.loads(weights.with_suffix(".json").read_text())
         assert meta["cell_id"] == row["cell_id"] and meta["classes"] == [f"class{i}" for i in range(4)]
-        # The test split in the order the cell evaluated it: classes in order, files sorted within each.
-        images = sorted((folder / "test").glob("*/*.png"), key=lambda p: (p.parent.name, p.name))
-        labels = [int(p.parent.name.removeprefix("class")) for p in images]
+        images, labels = _test_images(folder)
         found = predict(weights, images, top=1)
         right = np.array([f.top[0][0] == f"class{y}" for f, y in zip(found, labels)])
         assert np.array_equal(right, unpack_correct(row["test_correct"], row["test_images"]))
@@ -85,3 +95,33 @@ def test_bench_predict_prints_the_top_classes_and_explains_a_bad_file(kept, tmp_
     bad = subprocess.run([sys.executable, "-m", "bench.cli", "predict", str(tmp_path / "nope.safetensors"), str(image)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nope" in bad.stderr
+
+
+def test_predict_runs_at_the_cells_precision_without_its_weights_file(images, tmp_path, monkeypatch):
+    """A bf16 cell (CPU autocast) that started from a checkpoint of its own: predict needs only the saved file,
+    runs under bf16 as the cell's test pass did, and agrees with that pass image by image."""
+    import torch
+    import torchvision
+
+    own = tmp_path / "own.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), own)
+    suite = _suite(images, "all", [0], pretrained=True, weights=str(own), precision="bf16", epochs=1)
+    row, = run_suite(suite, expand(suite), RunOptions(results=tmp_path / "results", data_root=tmp_path / "data")).rows
+    assert row["status"] == "ok" and row["precision"] == "bf16"
+    own.unlink()  # the saved file holds every weight: the cell's own checkpoint is not needed again
+    weights = next((tmp_path / "results" / "keep" / "models").glob("*.safetensors"))
+    assert json.loads(weights.with_suffix(".json").read_text())["precision"] == "bf16"
+    dtypes = set()
+
+    def load(path):
+        loaded = saved_load(path)
+        loaded[0].register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+        return loaded
+
+    saved_load = saved.load
+    monkeypatch.setattr(saved, "load", load)
+    test_images, labels = _test_images(images)
+    found = predict(weights, test_images, top=1)
+    assert dtypes == {torch.bfloat16}
+    right = np.array([f.top[0][0] == f"class{y}" for f, y in zip(found, labels)])
+    assert np.array_equal(right, unpack_correct(row["test_correct"], row["test_images"]))
