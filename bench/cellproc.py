@@ -22,7 +22,7 @@ from typing import IO
 import psutil
 
 from bench import measure, status
-from bench.forkserver import FORKSERVER, SUBPROCESS, ForkServer
+from bench.forkserver import FORKSERVER, SUBPROCESS, Forked, ForkServer
 from bench.result import Part, Process, Provenance, parts_from_values
 from bench.suite import Cell
 
@@ -62,7 +62,8 @@ class Outcome:
 
 def run_cell(job: Job, device: str, server: ForkServer | None, report: Report, stop: threading.Event) -> Outcome:
     """Run one cell in a process of its own (forked from `server` where it can, else fresh) and return how it
-    ended, whatever happened to it. Setting `stop` kills it; its outcome is then `status.INTERRUPTED`."""
+    ended, whatever happened to it. Setting `stop` kills it; its outcome is then `status.INTERRUPTED`, as it is
+    when the fork server dies under it."""
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-cell-") as tmp:
         spec, result, log = Path(tmp) / "spec.json", Path(tmp) / "result.json", Path(tmp) / "stderr.log"
@@ -146,6 +147,10 @@ def _supervise(child, job: Job, report: Report, stop: threading.Event) -> tuple[
                 child.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 continue
+        if isinstance(child, Forked) and child.server_lost:
+            # The harness failed, not the cell: no row, it runs again. The server's death killed the cell's process
+            # only (PDEATHSIG); its DataLoader workers go with its session.
+            stop_for(status.INTERRUPTED)
         relay.join(timeout=5)
     if not relay.is_alive():  # else a DataLoader worker that outlived the kill still holds the pipe: leave it be
         child.stdout.close()

@@ -10,7 +10,8 @@ the pipe that keeps the server alive (so a cell would outlive a runner killed wi
 interpreter with the environment of its first use. Here the runner and the server share one SOCK_SEQPACKET
 socket pair. After its imports the server sends {"ready": true} or {"error": ...}. A request is one JSON message
 (target "module:function", args, env, cwd, sys.path) carrying three descriptors: a socket the server answers on
-(the child's pid, later its exit code), the child's stdout and its stderr.
+(the child's pid, later its exit code), the child's stdout and its stderr. That socket's end before the exit
+code means the server died: the harness failed, not the cell, which runs again next time (`ForkServer`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -28,11 +30,13 @@ import tempfile
 import threading
 import traceback
 import warnings
+from collections.abc import Callable
 
 from bench.errors import BenchError
 
 FORKSERVER, SUBPROCESS = "forkserver", "subprocess"
 READY_TIMEOUT_S = 300.0  # importing torch from a cold network file system can take minutes
+MAX_DEATHS = 3  # servers that may die in one run before cells start as fresh processes instead
 _INT = struct.Struct("q")
 # Read once, when a library or the interpreter loads (OpenMP's wait policy and thread count, MKL's and OpenBLAS's,
 # the C allocator's, Python's own): a forked child keeps the server's values whatever its environment says. torch
@@ -67,78 +71,156 @@ def _read_at_load(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(_READ_AT_LOAD)}
 
 
-class ForkServer:
-    """The runner's side: starts the server (call from a thread that lives as long as the run: PDEATHSIG follows
-    the thread that started it) and forks children from it."""
+class _Server:
+    """One fork server process: the runner's end of its socket, its stderr, whether it is ready or was lost."""
 
     def __init__(self, env: dict[str, str], preload: list[str]):
-        self.env = dict(env)
-        self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.stderr = tempfile.TemporaryFile()  # import warnings and a crash's last words; not the user's terminal
+        self.ready = self.lost = False
+        self._said = ""
+        self._ended = threading.Event()
+        try:
+            self.proc = _popen_kept([sys.executable, "-m", "bench.forkserver", str(theirs.fileno()), ",".join(preload)],
+                                    self._ended, pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=self.stderr)
+        finally:
+            theirs.close()
+
+    def wait_ready(self) -> str | None:
+        """Wait for its imports: None once it is ready, else why it is not."""
+        self.control.settimeout(READY_TIMEOUT_S)
+        try:
+            said = json.loads(self.control.recv(1 << 16) or b'{"error": "it exited while importing"}')
+        except (OSError, ValueError) as exc:
+            said = {"error": f"no answer ({exc.__class__.__name__})"}
+        self.control.settimeout(None)
+        self.ready = bool(said.get("ready"))
+        return None if self.ready else said.get("error", "unknown")
+
+    def last_words(self) -> str:
+        """The last line the server wrote to stderr ('' if none)."""
+        if self.stderr.closed:
+            return self._said
+        self.stderr.seek(0)
+        tail = [ln for ln in self.stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+        return tail[-1].strip()[:300] if tail else ""
+
+    def ending(self) -> str:
+        """How its process ended, once `close` has waited for it."""
+        code = self.proc.returncode
+        if code is None or code >= 0:
+            return f"it exited with code {code}"
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+
+    def close(self) -> None:
+        """End it (closing its socket ends a live server; any child left dies with it) and its keeper thread."""
+        if self.stderr.closed:
+            return
+        self.control.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._said = self.last_words()
+        self.stderr.close()
+        self._ended.set()
+
+
+class ForkServer:
+    """The runner's side: starts the server and forks children from it. A server that dies is the harness failing,
+    not its cells: the cells it ran end `interrupted` (no row: they run again next time), one warning line says so,
+    and the next cell starts a new server (up to MAX_DEATHS times; then cells start as fresh processes)."""
+
+    def __init__(self, env: dict[str, str], preload: list[str]):
+        self.env, self._preload = dict(env), list(preload)
         self._lock = threading.Lock()
         self._failure: str | None = None
-        self._ready = False
-        self._stderr = tempfile.TemporaryFile()  # import warnings and a crash's last words; not the user's terminal
-        self._proc = subprocess.Popen([sys.executable, "-m", "bench.forkserver", str(theirs.fileno()), ",".join(preload)],
-                                      pass_fds=[theirs.fileno()], env=self.env, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=self._stderr)
-        theirs.close()
+        self._deaths = 0
+        self._server = _Server(self.env, self._preload)
 
     def start(self, target: str, args: list, env: dict[str, str], stderr: int) -> Forked | None:
         """A child running `target(*args)` with `env`, its stderr on the descriptor `stderr`; None where the
         server cannot give it `env` (a variable read at load time differs) or has failed."""
-        if _read_at_load(env) != _read_at_load(self.env) or not self.wait_ready():
+        if _read_at_load(env) != _read_at_load(self.env):
             return None
+        for _ in range(2):  # a server found dead when asked is replaced, and the new one asked, once
+            server = self._live()
+            if server is None:
+                return None
+            try:
+                return self._fork(server, target, args, env, stderr)
+            except (OSError, EOFError) as exc:
+                self.lost(server, f"it stopped answering ({exc.__class__.__name__})")
+        return None
+
+    def _fork(self, server: _Server, target: str, args: list, env: dict[str, str], stderr: int) -> Forked:
         reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         request = {"target": target, "args": args, "env": env, "cwd": os.getcwd(),
                    "sys_path": [str(p) for p in sys.path]}
         try:
             with self._lock:
-                socket.send_fds(self._control, [json.dumps(request).encode()], [theirs.fileno(), out_w, stderr])
+                socket.send_fds(server.control, [json.dumps(request).encode()], [theirs.fileno(), out_w, stderr])
             pid = _read_int(reply)
-        except (OSError, EOFError) as exc:
+        except BaseException:
             reply.close()
             os.close(out_r)
-            self._fail(f"it stopped answering ({exc.__class__.__name__})")
-            return None
+            raise
         finally:
             theirs.close()
             os.close(out_w)
-        return Forked(pid, reply, os.fdopen(out_r, "r", errors="replace"))
+        return Forked(pid, reply, os.fdopen(out_r, "r", errors="replace"), lambda: self.lost(server))
 
     def wait_ready(self) -> bool:
         """Wait for the server's imports; False (and a warning, once) where it failed."""
+        return self._live() is not None
+
+    def _live(self) -> _Server | None:
+        """The server to fork from, its imports done: the current one, or a new one in place of one lost; None
+        where the server has failed."""
         with self._lock:
-            if not self._ready and self._failure is None:
-                self._control.settimeout(READY_TIMEOUT_S)
-                try:
-                    said = json.loads(self._control.recv(1 << 16) or b'{"error": "it exited while importing"}')
-                except (OSError, ValueError) as exc:
-                    said = {"error": f"no answer ({exc.__class__.__name__})"}
-                self._control.settimeout(None)
-                self._ready = bool(said.get("ready"))
-                if not self._ready:
-                    self._fail(said.get("error", "unknown"))
-            return self._ready
+            if self._failure is None and self._server.lost:
+                if self._deaths >= MAX_DEATHS:
+                    self._fail(f"it died {self._deaths} times")
+                else:
+                    self._server = _Server(self.env, self._preload)
+            if self._failure is None and not self._server.ready:
+                if (why := self._server.wait_ready()) is not None:
+                    self._fail(why)
+            return None if self._failure is not None else self._server
+
+    def lost(self, server: _Server, reason: str | None = None) -> None:
+        """`server` died (or stopped answering): end it and say so in one line; the next cell starts a new one."""
+        with self._lock:
+            if server.lost or server.stderr.closed:  # one line for all the cells it ran; none after `close`
+                return
+            server.lost, self._deaths = True, self._deaths + 1
+            server.close()
+            said = server.last_words()
+            then = "; the next cells start from a new server" if self._deaths < MAX_DEATHS else ""
+            # One line on stderr, as the CLI's warnings are: the run goes on.
+            print(f"warning: the fork server died ({reason or server.ending()}{'; ' + said if said else ''}); the "
+                  f"cells it was running get no row and run again with the next `bench run`{then}", file=sys.stderr,
+                  flush=True)
 
     def _fail(self, reason: str) -> None:
         """From now on every cell starts as a fresh process; say so once, with the server's last words."""
         if self._failure is None:
-            self._failure, self._ready = reason, False
-            self._stderr.seek(0)
-            tail = [ln for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-            warnings.warn(f"bench: the fork server failed ({reason}{'; ' + tail[-1] if tail else ''}); the remaining "
-                          f"cells start as fresh processes (start_method = subprocess)", stacklevel=3)
+            self._failure = reason
+            said = self._server.last_words()
+            warnings.warn(f"bench: the fork server failed ({reason}{'; ' + said if said else ''}); the remaining "
+                          f"cells start as fresh processes (start_method = subprocess)", stacklevel=4)
 
     def close(self) -> None:
         """End the server (closing its socket ends it; any child left dies with it)."""
-        self._control.close()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._stderr.close()
+        with self._lock:
+            self._failure = self._failure or "closed"
+            self._server.close()
 
     def __enter__(self) -> ForkServer:
         return self
@@ -149,10 +231,12 @@ class ForkServer:
 
 class Forked:
     """A child of the server, with the part of `subprocess.Popen` the cell's supervisor uses. Only the server can
-    wait for it, so its exit code arrives on `reply`."""
+    wait for it, so its exit code arrives on `reply`; the reply's end before the exit code means the server died
+    (`server_lost`), and the child with it."""
 
-    def __init__(self, pid: int, reply: socket.socket, stdout):
+    def __init__(self, pid: int, reply: socket.socket, stdout, on_lost: Callable[[], None]):
         self.pid, self.stdout, self.returncode, self._reply = pid, stdout, None, reply
+        self.server_lost, self._on_lost = False, on_lost
 
     def poll(self) -> int | None:
         try:
@@ -168,9 +252,31 @@ class Forked:
             except (TimeoutError, BlockingIOError):  # BlockingIOError: a timeout of 0 makes the socket non-blocking
                 raise subprocess.TimeoutExpired(f"forked pid {self.pid}", timeout or 0) from None
             except (OSError, EOFError):  # the server died, and its children with it (PDEATHSIG)
-                self.returncode = -signal.SIGKILL
+                self.returncode, self.server_lost = -signal.SIGKILL, True
+                self._on_lost()
             self._reply.close()
         return self.returncode
+
+
+def _popen_kept(argv: list[str], keep_until: threading.Event, **popen) -> subprocess.Popen:
+    """Popen from a thread of its own that lives until `keep_until` is set. Linux sends PDEATHSIG when the *thread*
+    that started a process ends, and a new server in place of a dead one is asked for from a device's thread,
+    which may end (no cells left for it) while the server still serves the others."""
+    handed: queue.SimpleQueue = queue.SimpleQueue()
+
+    def keep() -> None:
+        try:
+            handed.put(subprocess.Popen(argv, **popen))
+        except Exception as exc:  # noqa: BLE001 - raised again in the thread that asked
+            handed.put(exc)
+            return
+        keep_until.wait()
+
+    threading.Thread(target=keep, name="bench-forkserver-keeper", daemon=True).start()
+    started = handed.get()
+    if isinstance(started, Exception):
+        raise started
+    return started
 
 
 def _read_int(sock: socket.socket) -> int:

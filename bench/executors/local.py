@@ -41,8 +41,8 @@ class LocalExecutor:
 
 @contextlib.contextmanager
 def _server(devices: tuple[str, ...], jobs: Sequence[Job]) -> Iterator[forkserver.ForkServer]:
-    """The fork server for this run, started and waited for here, in the runner's own thread: its PDEATHSIG
-    follows the thread that started it, and a Ctrl-C during its imports stops the run at once."""
+    """The fork server for this run, started and waited for here, in the runner's own thread, so a Ctrl-C during
+    its imports stops the run at once."""
     with forkserver.ForkServer(cellproc.child_env(devices[0]), preload_modules(j.cell.model for j in jobs)) as server:
         server.wait_ready()
         yield server
@@ -63,8 +63,8 @@ def _drain(jobs: Sequence[Job], devices: tuple[str, ...], server, report: Report
                 except queue.Empty:
                     return
                 outcome = cellproc.run_cell(job, device, server, report, stop)
-                if outcome.status == status.INTERRUPTED:
-                    return
+                if outcome.status == status.INTERRUPTED:  # no row: the run stopped, or the fork server died under
+                    continue  # this cell (the next one starts a new server); it runs again next time
                 recorded = threading.Event()
                 ended.put((job.cell, outcome, recorded))
                 while not recorded.wait(0.2) and not stop.is_set():
