@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from bench import cellproc, measure, status
 from bench.cellproc import Job, Outcome, Report
@@ -40,31 +41,47 @@ class RayExecutor:
         yielded as the task ends. Closing early cancels every task still pending (force: its Ray worker is killed,
         and its cell process dies with it)."""
         ray = _ray()
-        device, resources = _placement(ray)
+        with _system_failures(ray):
+            device, resources = _placement(ray)
         task = ray.remote(max_retries=0, **resources)(run_on_node)  # a retry would be a silent second run
         # The driver fetched what could be fetched: a node never downloads.
         pending = {task.remote(dataclasses.replace(job, download=False), device): job.cell for job in jobs}
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                with _system_failures(ray):
+                    done, _ = ray.wait(list(pending), num_returns=1)
                 cell = pending.pop(done[0])
-                try:
-                    outcome = ray.get(done[0])
-                except ray.exceptions.RayTaskError as exc:  # bench itself failed on the node: every cell would
-                    raise BenchError(f"a Ray task failed on its node ({_first_line(exc)}); check that bench and its "
-                                     f"dependencies are installed there, in the driver's version") from None
-                except ray.exceptions.RayError as exc:  # Ray ended the task: that cell's row says how
-                    outcome = failed_task(ray, exc, device)
-                yield cell, outcome
+                outcome = _fetch(ray, done[0], cell, device)
+                if outcome is not None:
+                    yield cell, outcome
         finally:
             for ref in pending:
-                ray.cancel(ref, force=True)
+                with suppress(ray.exceptions.RayError):  # a cluster already gone has nothing left to cancel
+                    ray.cancel(ref, force=True)
 
 
-def failed_task(ray, exc: BaseException, device: str) -> Outcome:
+def _fetch(ray, ref, cell: Cell, device: str) -> Outcome | None:
+    """The outcome a task sent back, or the one `failed_task` gives it; None (and one warning line) where Ray lost
+    it after the task ran: the harness failed, not the cell, which gets no row and runs again next time."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:  # bench itself failed on the node: every cell would
+        raise BenchError(f"a Ray task failed on its node ({_first_line(exc)}); check that bench and its "
+                         f"dependencies are installed there, in the driver's version") from None
+    except ray.exceptions.RayError as exc:  # Ray ended the task, or lost its result
+        outcome = failed_task(ray, exc, device)
+        if outcome is None:
+            print(f"warning: Ray lost the outcome of cell {cell.id} after its task ran ({_said(exc)}); it gets no "
+                  f"row and runs again with the next `bench run`", file=sys.stderr, flush=True)
+        return outcome
+
+
+def failed_task(ray, exc: BaseException, device: str) -> Outcome | None:
     """The outcome of a cell whose task Ray ended, as on one machine: its memory monitor's kill is `oom`; a task
     that can never be placed or whose runtime environment cannot be set up is `error`; a lost node or Ray worker
-    is `killed`. Anything else Ray raises is not a cell's fault: it stops the run."""
+    is `killed`. None where Ray lost the task's result after it ran (`ObjectLostError`: its node died, its object
+    was freed): the cell gets no row and runs again next time. Anything else Ray raises is about Ray, not the
+    cell: it stops the run with one line (`BenchError`)."""
     errors = ray.exceptions
     if isinstance(exc, errors.OutOfMemoryError):
         ended = status.OOM
@@ -72,8 +89,10 @@ def failed_task(ray, exc: BaseException, device: str) -> Outcome:
         ended = status.ERROR
     elif isinstance(exc, (errors.WorkerCrashedError, errors.NodeDiedError, errors.OwnerDiedError)):
         ended = status.lost()
+    elif isinstance(exc, errors.ObjectLostError):
+        return None
     else:
-        raise exc
+        raise BenchError(_system_failure(exc)) from None
     outcome = cellproc.without_process("cpu", ended, _first_line(exc))
     cellproc.correct_provenance(outcome, device=device, hostname=None, gpu_name=None)  # not the driver's
     outcome.log = str(exc)
@@ -124,6 +143,25 @@ def _placement(ray) -> tuple[str, dict]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"the Ray task ended without a result: {text.splitlines()[0] if text else type(exc).__name__}"
+
+
+def _said(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def _system_failure(exc: BaseException) -> str:
+    return (f"Ray failed, not a cell ({_said(exc)}); the cells still running were cancelled, and those without a "
+            f"row run again with the next `bench run`; check the cluster with `ray status`")
+
+
+@contextmanager
+def _system_failures(ray) -> Iterator[None]:
+    """Ray itself failing while the driver asks it something (its raylet or GCS gone): one line, no traceback."""
+    try:
+        yield
+    except ray.exceptions.RayError as exc:
+        raise BenchError(_system_failure(exc)) from None
 
 
 def _ray():
