@@ -35,6 +35,13 @@ class EpochBatches:
         # Training drops the ragged last batch (fixed shapes keep cuDNN autotuning and compile happy).
         return max(1, n // self.batch_size) if self.train else math.ceil(n / self.batch_size)
 
+    def state_dict(self) -> dict:
+        """Where the shuffling stands (the next epoch's number): what a resumed cell needs to draw the same batches."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
     def index_batches(self) -> Iterator[tuple[torch.Tensor, torch.Generator]]:
         device = self.labels.device
         gen = torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch)

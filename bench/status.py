@@ -18,6 +18,8 @@ OK, OOM, KILLED, TIMEOUT, ERROR, UNAVAILABLE = "ok", "oom", "killed", "timeout",
 INTERRUPTED = "interrupted"
 # A race's loser: stopped at a rung by the runner's choice, not a failure. Resume and --retry-failed leave it alone.
 DROPPED = "dropped"
+# Not a row: a raced cell that stopped at a rung with its state saved, waiting for the runner's cut.
+PAUSED = "paused"
 
 # Texts of allocation failures that are not torch.cuda.OutOfMemoryError or MemoryError: cuBLAS and cuDNN
 # report theirs (CUBLAS_STATUS_ALLOC_FAILED) as RuntimeErrors, and the C library says "cannot allocate".

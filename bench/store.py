@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -67,6 +68,22 @@ class ResultStore:
         rows in a compacted run file count like loose cell files."""
         rows = _scan(_files([self.root / suite], "cells"), "cells", ["status"], [])
         return set(rows.loc[rows["status"] != "unavailable", "cell_id"]) if not rows.empty else set()
+
+    def state_dir(self, suite: str, cell_id: str) -> Path:
+        """Where a cell's saved state lives between its segments (bench/train/checkpoint.py writes it)."""
+        return self.root / suite / "state" / cell_id
+
+    def saved_state(self, suite: str, cell_id: str) -> dict | None:
+        """The meta.json of a cell's saved state (epochs done, epoch rows, timing), or None without a usable one."""
+        try:
+            meta = json.loads((self.state_dir(suite, cell_id) / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) and isinstance(meta.get("loop"), dict) else None
+
+    def clear_state(self, suite: str, cell_id: str) -> None:
+        """Delete a cell's saved state: its row is written, ok or dropped."""
+        shutil.rmtree(self.state_dir(suite, cell_id), ignore_errors=True)
 
     def keep_model(self, suite: str, cell_id: str, run_id: str, files: dict[str, bytes], mode: str,
                    val_top1: float | None) -> Path | None:

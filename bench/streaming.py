@@ -59,6 +59,14 @@ class StreamingLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def state_dict(self) -> dict:
+        """The next epoch's number and the sampler's generator: a resumed cell draws the same batches."""
+        return {"epoch": self.epoch, "generator": self.loader.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.loader.generator.set_state(state["generator"])
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The augmentation draws from its own generator, seeded per epoch as the device loader's is.
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)

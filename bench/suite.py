@@ -22,7 +22,9 @@ from bench.errors import SuiteError, close_matches
 FreezeSpec = Union[Literal["none", "all"], int, float]
 
 # Fields that say how to run a cell, not what the cell is: they stay out of its id.
-RUNNER_FIELDS = frozenset({"cell_timeout_s"})
+RUNNER_FIELDS = frozenset({"cell_timeout_s", "checkpoint"})
+# Fields a sweep tunes for a backbone config: the report folds them into one row, and a race into one racer.
+TUNED_FIELDS = ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_fraction", "head_dropout")
 # Part of every cell id: bump it when a field's default changes meaning, so old results are not resumed as new.
 ID_VERSION = 2  # 2: restore_best and probe_norm came in with defaults that change what a cell does
 
@@ -68,6 +70,9 @@ class Cell(BaseModel):
     seed: int = 0
     target_top1: float | None = Field(None, gt=0, le=1)
     restore_best: bool = True
+    # Save the cell's state after each epoch so a kill costs one epoch: auto saves once an epoch takes over a
+    # minute (and always in a race), epoch after every epoch, none never.
+    checkpoint: Literal["auto", "epoch", "none"] = "auto"
     mode: Literal["train", "throughput"] = "train"
     throughput_warmup_steps: int = Field(10, ge=0)
     throughput_steps: int = Field(50, ge=1)
@@ -127,6 +132,18 @@ class Cell(BaseModel):
 CELL_FIELDS = tuple(Cell.model_fields)
 
 
+class RaceSpec(BaseModel):
+    """`race:` in a suite (or `bench run --race`): successive halving over the suite's configs (bench/race.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eta: int = Field(3, ge=2, description="keep the best 1/eta of the configs at each rung")
+    rungs: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="epochs at which configs are compared (default 1, eta, eta^2 ... below the cells' epochs)")
+    margin: float = Field(0.01, ge=0, lt=1, description="validation top-1 (fraction) within which a config of one "
+                          "seed survives the cut-line; with two seeds or more their spread decides, never less")
+
+
 class Suite(BaseModel):
     """A suite file as written: defaults, a grid whose product gives cells, include and exclude."""
 
@@ -139,11 +156,13 @@ class Suite(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     include: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
+    race: RaceSpec | None = None
     source: str = Field("<memory>", exclude=True)
 
     @property
     def hash(self) -> str:
-        body = self.model_dump(exclude={"source"})
+        # a suite without `race:` hashes as it did before races existed
+        body = self.model_dump(exclude={"source"} | ({"race"} if self.race is None else set()))
         return _short_hash(json.dumps(body, sort_keys=True, default=str))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -12,6 +12,9 @@ from bench.measure import Clock
 from bench.result import Accuracy, Training
 from bench.suite import Cell
 from bench.train.step import Plan
+
+if TYPE_CHECKING:
+    from bench.train.checkpoint import Checkpoint
 
 Progress = Callable[[dict], None]
 
@@ -26,6 +29,7 @@ class CellRun:
     num_classes: int
     progress: Progress
     clock: Clock
+    checkpoint: Checkpoint | None = None  # where the cell's state is saved and resumed (bench/train/checkpoint.py)
 
 
 class Loaders(NamedTuple):
@@ -42,6 +46,7 @@ class Outcome:
     accuracy: Accuracy = field(default_factory=Accuracy)
     epochs: list[dict] = field(default_factory=list)
     ready_at: float = 0.0  # perf_counter when data and model were on the device and training began
+    paused: bool = False  # stopped at a race's rung with its state saved: no test pass, no row yet
 
     @property
     def row(self) -> dict:
