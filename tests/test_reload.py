@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -53,8 +52,10 @@ def _scramble(model: nn.Module) -> None:
     changing = set(weightstate.changing_state(model, copy=False))
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
-            if key in changing:
-                tensor.logical_not_() if tensor.dtype == torch.bool else tensor.add_(1)
+            if key in changing and tensor.dtype == torch.bool:
+                tensor.logical_not_()
+            elif key in changing:
+                tensor.add_(1)
 
 
 # Each path: keep (model, cell, folder) -> what restore needs; restore (model, that) -> None.

@@ -16,7 +16,6 @@ from bench import saved
 from bench.data import synthetic_raw
 from bench.runner import RunOptions, run_suite
 from bench.saved import predict
-from bench.store import ResultStore
 from bench.suite import expand, parse_suite
 from bench.train.metrics import unpack_correct
 

@@ -107,7 +107,8 @@ def load(path: Path) -> State:
         raise StateError(f"weight state {path} not found; it is written by `save`, check the path") from None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # truncated zip, bad header, not torch
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise StateError(f"weight state {path} cannot be read ({reason}); delete it so the cell starts afresh") from None
+        raise StateError(f"weight state {path} cannot be read ({reason}); "
+                         "delete it so the cell starts afresh") from None
     return unpack(payload, f"weight state {path}")
 
 
