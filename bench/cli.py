@@ -251,7 +251,8 @@ def models(pattern):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
 @click.option("--run", "run_id", help="Report this run id only.")
 @click.option("--suite", help="Report this suite only.")
-@click.option("--compare", help="Compare with this run id (default: the previous run of the suite).")
+@click.option("--compare", help="Compare with this one run id (default: the suite's earlier runs, judged as a history "
+                                "when there are at least five, else the previous run).")
 @click.option("--fail-on-regression", is_flag=True, help="Exit 1 when a regression is flagged (for CI).")
 @click.option("--within", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Accuracy points (validation) a cheaper, faster or smaller pick may lose against the best.")
@@ -272,6 +273,8 @@ def report(results, out, run_id, suite, compare, fail_on_regression, within, max
     for problem in outcome.problems:
         click.echo(f"warning: {problem}", err=True)
     click.echo(f"wrote {outcome.markdown} and {outcome.html} ({outcome.rows} cells, {len(outcome.pngs)} plots)")
+    for line in outcome.comparison:  # how many configs were compared, and by which rule (the nightly summary's line)
+        click.echo(f"comparison: {line}")
     for line in outcome.regressions:
         click.echo(f"regression: {line}")
     if fail_on_regression and outcome.regressions:

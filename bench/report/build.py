@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +12,7 @@ from bench.errors import ResultsError
 from bench.report.compare import regression_lines
 from bench.report.context import ReportData, make_context
 from bench.report.fmt import Section
+from bench.report.history import history_rows
 from bench.report.recommend import Budget
 from bench.report.render import Header, render
 from bench.report.sections import SECTIONS
@@ -27,6 +28,7 @@ class ReportOutcome:
     regressions: list[str]  # one human line per flagged regression
     problems: list[str]  # skipped files (from the store), warnings (mixed machines or versions), failed plots
     rows: int  # cells shown
+    comparison: list[str] = field(default_factory=list)  # per suite: configs compared, and by which rule
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,10 @@ def load(results: Path, *, run: str | None = None, suite: str | None = None, com
         skipped = f" ({len(read.problems)} unreadable files skipped)" if read.problems else ""
         raise ResultsError(f"no results in {results}{skipped}; run `bench run SUITE` first")
     selection = select_rows(read.cells, read.epochs, str(results), run=run, suite=suite, compare=compare)
+    # Without --compare, the suites' earlier runs: judged against their history when there are enough of them.
+    history = None if compare else history_rows(read.cells, selection.current)
     data = make_context(selection, top1_drop=regression_threshold, speed_drop=speed_regression_threshold,
-                        budget=budget)
+                        budget=budget, history=history)
     return Loaded(data, read.problems, read.cells)
 
 
@@ -66,12 +70,17 @@ def build_report(results: Path, out: Path, *, run: str | None = None, suite: str
                   speed_regression_threshold=speed_regression_threshold, budget=budget)
     data = loaded.data
     machine, warnings = provenance(data.current)
+    warnings = warnings + data.comparison_notes  # images/s not compared across GPUs or library versions
     regressions = regression_lines(data.comparison)
     sections = [_section(key, make, data) for key, make in SECTIONS.items()]
+    for section in sections:  # which rule judged the comparison's rows (history, or one run), under its table
+        if section.key == "comparison" and data.comparison_rules and not data.comparison.empty:
+            section.add("note", "How the configs were judged: " + ". ".join(data.comparison_rules) + ".")
     failures = [item.note for s in sections for kind, item in s.blocks if kind == "plot" and item.failed]
     failures += [item for s in sections for kind, item in s.blocks if kind == "failure"]
     markdown, html, pngs = render(out, _header(data, results, machine), sections, regressions, warnings, loaded.problems)
-    return ReportOutcome(markdown, html, pngs, regressions, loaded.problems + warnings + failures, len(data.current))
+    return ReportOutcome(markdown, html, pngs, regressions, loaded.problems + warnings + failures, len(data.current),
+                         data.comparison_rules)
 
 
 def _section(key: str, make, data: ReportData) -> Section:

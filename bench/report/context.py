@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import seaborn as sns
 
 from bench.report import stats, tables
-from bench.report.compare import compare_runs
+from bench.report.history import judge
 from bench.report.recommend import Advice, Budget, advise
 from bench.report.select import Selection
 
@@ -36,6 +36,10 @@ class ReportData:
     axes: list[str]  # the config axes that vary among trained configs (beyond model and suite)
     budget: Budget
     advice: Advice  # the recommendations, from the leaderboard within the budget
+    # Per suite, how many configs the comparison judged and by which rule (history or one run); and what it could
+    # not judge (images/s across GPUs or library versions). From `history.judge`.
+    comparison_rules: list[str] = field(default_factory=list)
+    comparison_notes: list[str] = field(default_factory=list)
 
 
 def model_palette(models: list[str]) -> dict[str, tuple[float, float, float]]:
@@ -46,7 +50,9 @@ def model_palette(models: list[str]) -> dict[str, tuple[float, float, float]]:
 
 
 def make_context(selection: Selection, *, top1_drop: float, speed_drop: float,
-                 budget: Budget | None = None) -> ReportData:
+                 budget: Budget | None = None, history: pd.DataFrame | None = None) -> ReportData:
+    """Everything the sections read; `history` (the suites' earlier runs, `history.history_rows`) lets the
+    comparison judge configs against their history; None compares with `selection.baseline` alone."""
     current = selection.current
     ok = current["status"] == "ok"
     throughput = current["mode"] == "throughput"
@@ -62,10 +68,11 @@ def make_context(selection: Selection, *, top1_drop: float, speed_drop: float,
     configs = configs.join(failed, on=tables.GROUP).fillna({"n_failed": 0}).astype({"n_failed": int})
     leaderboard = stats.versus_best(tables.fold_sweeps(configs, config), trained)
     budget = budget or Budget()
+    judgement = judge(current, selection.baseline, history, extra, top1_drop=top1_drop, speed_drop=speed_drop)
     return ReportData(
         current=current, trained=trained, failed=current[~ok], configs=configs, leaderboard=leaderboard,
         speed=tables.speed_table(speed_rows, config), epochs=selection.epochs,
-        comparison=compare_runs(current, selection.baseline, extra, top1_drop=top1_drop, speed_drop=speed_drop),
+        comparison=judgement.comparison, comparison_rules=judgement.rules, comparison_notes=judgement.notes,
         baseline_runs=selection.baseline_runs, config=config, extra=extra,
         tuned=[c for c in config if c in tables.TUNED],
         palette=model_palette(list(current["model"].dropna().astype(str))),
