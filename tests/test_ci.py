@@ -138,10 +138,13 @@ def test_a_worse_night_fails_with_its_regressions(first_night, tmp_path):
     night = tmp_path / "night2"
     out = nightly(night, previous, BENCH_HISTORY=str(tmp_path / "history"))
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "previous night: 1 cell files" in out.stdout
-    assert "regression: smoke:" in out.stdout and "smoke: REGRESSION against the previous night" in out.stdout
+    assert "previous nights: 1 runs, 1 cell files" in out.stdout
+    assert "regression: smoke:" in out.stdout and "smoke: REGRESSION against the earlier nights" in out.stdout
     summary = (night / "summary.md").read_text()
-    assert "Regressions against the previous night" in summary and "\n- smoke: " in summary
+    assert "Regressions against the earlier nights" in summary and "\n- smoke: " in summary
+    # One earlier night: the one-run rule, and the summary says so (tests/test_nightly_history.py: a history).
+    assert ("**Compared:** smoke: 1 config compared: 1 against run 20000101T000000Z-before (1 earlier run; a history "
+            "needs 5)") in summary
     assert "First night" not in summary
     # The uploaded results are tonight's alone; the previous night was only read beside them.
     assert [p.name for p in (night / "results" / "smoke" / "cells").glob("*.parquet")] != [
