@@ -40,11 +40,15 @@ class Job:
     stored_resolution: int | None = None  # the side an image folder is decoded to, chosen for the whole suite
     timeout_s: float | None = None
     max_host_bytes: int | None = None  # on the process tree's PSS
+    state_dir: str | None = None  # the cell's saved state (results/SUITE/state/CELL_ID): resumed from, saved to
+    pause_at: int | None = None  # a race's rung: stop with the state saved after this many epochs
+    checkpoint_forced: bool = False  # save after every epoch whatever the cell's `checkpoint` says (a race)
 
     def spec(self, device: str) -> dict:
         """What the worker reads from its SPEC file."""
         return {"cell": self.cell.model_dump_json(), "device": worker_device(device), "data_root": self.data_root,
-                "download": self.download, "stored_resolution": self.stored_resolution}
+                "download": self.download, "stored_resolution": self.stored_resolution, "state_dir": self.state_dir,
+                "pause_at": self.pause_at, "checkpoint_forced": self.checkpoint_forced}
 
 
 @dataclass
@@ -78,8 +82,10 @@ def run_cell(job: Job, device: str, server: ForkServer | None, report: Report, s
     outcome = _outcome(reported, ending, device, log_text)
     if outcome.status == status.OK:
         outcome.files = kept
+    # A resumed cell's wall time adds its earlier segments' (up to their last save); peaks are this segment's.
+    prior_s = float((reported or {}).get("prior_wall_s") or 0.0) if ending.trusts_report() else 0.0
     outcome.parts["process"] = Process(
-        wall_s=time.perf_counter() - t0, peak_host_rss_bytes=memory.rss_peak or None,
+        wall_s=time.perf_counter() - t0 + prior_s, peak_host_rss_bytes=memory.rss_peak or None,
         peak_host_pss_bytes=memory.pss_peak or None, start_method=method,
         start_s=ready - launched if ready is not None else None, started_at=started,
         finished_at=datetime.now(timezone.utc))

@@ -1,5 +1,5 @@
-"""Measurements: synchronised clocks, peak VRAM (allocator and NVML), peak host RAM of a process
-tree, and the environment every row carries. This module measures; it never decides anything."""
+"""Measurements: synchronised clocks, peak VRAM (allocator, NVML for the device and for one process), peak host
+RAM of a process tree, and the environment every row carries. This module measures; it never decides anything."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ class Clock:
     def total(self) -> float:
         sync(self.device)
         return time.perf_counter() - self.start
+
+    def restart(self) -> None:
+        """Count from now: what ran before (building an optimizer, fetching a first batch) is no one's lap."""
+        sync(self.device)
+        self.start = self.last = time.perf_counter()
 
 
 def tree_rss_bytes(proc: psutil.Process) -> int:
@@ -146,6 +151,27 @@ def nvml_used_reader(device):
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
         except pynvml.NVMLError:  # a GPU fallen off the bus must not mask the cell's own error
             return None
+
+    return read
+
+
+def nvml_process_reader(device, pid: int | None = None):
+    """A callable reading the GPU memory one process holds (NVML's per-process figure: the CUDA context, the
+    allocator's reserve, cuDNN's and cuBLAS's own buffers), or None without NVML. It reads None while NVML does not
+    list the process: before its first CUDA call, or where NVML sees another PID namespace (a container)."""
+    found = _nvml_handle(device)
+    if found is None:
+        return None
+    pynvml, handle = found
+    pid = os.getpid() if pid is None else pid
+
+    def read() -> int | None:
+        try:
+            processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except pynvml.NVMLError:
+            return None
+        used = [p.usedGpuMemory for p in processes if p.pid == pid and p.usedGpuMemory is not None]
+        return int(used[0]) if used else None
 
     return read
 

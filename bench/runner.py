@@ -22,7 +22,7 @@ from bench.cellproc import Job, Outcome
 from bench.errors import SuiteError, close_matches
 from bench.result import CellResult, Identity
 from bench.store import ResultStore
-from bench.suite import Cell, Suite, field_matches
+from bench.suite import Cell, RaceSpec, Suite, field_matches
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class RunOptions:
     download: bool = True
     ray: str | None = None  # a Ray address ("auto", "ray://host:10001") or "local": run cells as Ray tasks
     slurm: str | None = None  # a SLURM partition ("" the cluster's default; "local": submitit's local executor)
+    race: RaceSpec | None = None  # race the suite's configs (its own `race:` when None)
     # dataset -> the side its image-folder images are stored at; run_suite fills it from the whole suite
     stored_resolutions: dict[str, int] = field(default_factory=dict)
 
@@ -99,14 +100,25 @@ def select(cells: list[Cell], store: ResultStore, suite: str, options: RunOption
     chosen = only_cells(cells, options.only)
     if options.retry_failed:
         latest = store.latest_statuses(suite)
-        wanted = [c for c in chosen if latest.get(c.id, status.OK) != status.OK]
+        # a race's dropped cells are answers, not failures: only --rerun races them again
+        wanted = [c for c in chosen if latest.get(c.id, status.OK) not in (status.OK, status.DROPPED)]
     elif options.rerun:
         wanted = chosen
     else:
-        done = store.done_cell_ids(suite)
+        done = store.done_cell_ids(suite) - _resumable(chosen, store, suite)
         wanted = [c for c in chosen if c.id not in done]
     todo = wanted[: options.max_cells] if options.max_cells is not None else wanted
     return todo, len(chosen) - len(wanted)
+
+
+def _resumable(cells: list[Cell], store: ResultStore, suite: str) -> set[str]:
+    """Cells whose newest row says killed (a node lost, a preemption, the OOM killer) but whose state was saved:
+    not done, the next run resumes them from their last saved epoch."""
+    with_state = {c.id for c in cells if store.saved_state(suite, c.id) is not None}
+    if not with_state:
+        return set()
+    latest = store.latest_statuses(suite)
+    return {cell_id for cell_id in with_state if latest.get(cell_id) == status.KILLED}
 
 
 def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Callable[[dict], None] = lambda e: None) -> RunSummary:
@@ -114,14 +126,16 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
     store = ResultStore(options.results)
     summary = RunSummary(run_id=new_run_id())
 
-    def record(cell: Cell, outcome: Outcome) -> None:
+    def record(cell: Cell, outcome: Outcome, race_rung: int | None = None) -> None:
         identity = Identity(run_id=summary.run_id, suite=suite.name, suite_hash=suite.hash, cell_id=cell.id,
                             group_id=cell.group_id, status=outcome.status, error=outcome.error,
-                            cell_json=cell.canonical())
+                            cell_json=cell.canonical(), race_rung=race_rung)
         row = CellResult(identity, cell, outcome.parts).row()
         if outcome.log is not None:
             store.log_path(suite.name, cell.id, summary.run_id).write_text(outcome.log)
         store.write(row, outcome.epochs)
+        if outcome.status in (status.OK, status.DROPPED):  # a failed cell keeps its state: a retry resumes it
+            store.clear_state(suite.name, cell.id)
         if outcome.files and cell.save_model != "none":
             store.keep_model(suite.name, cell.id, summary.run_id, outcome.files, cell.save_model, row.get("val_top1_tested"))
         summary.rows.append(row)
@@ -137,20 +151,79 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
         for cell in todo:
             if cell.dataset in missing:  # one clear row per cell, no process started for nothing
                 record(cell, cellproc.without_process(options.devices[0], *missing[cell.dataset]))
-        jobs = [job_for(cell, options) for cell in todo if cell.dataset not in missing]
-        with contextlib.closing(executor.run(jobs, report)) as outcomes:
-            for cell, outcome in outcomes:
-                record(cell, outcome)
+        runnable = [cell for cell in todo if cell.dataset not in missing]
+
+        def run(batch: list[Cell], pause_at: int | None, rung: int | None) -> set[str]:
+            """Run `batch` at once (a race's rung: pausing at `pause_at` epochs); record all but the pauses."""
+            jobs = [job_for(c, options, store.state_dir(suite.name, c.id), pause_at=pause_at,
+                            checkpoint_forced=rung is not None) for c in batch]
+            recorded: set[str] = set()
+            with contextlib.closing(executor.run(jobs, report)) as outcomes:
+                for cell, outcome in outcomes:
+                    if outcome.status != status.PAUSED:
+                        record(cell, outcome, race_rung=rung)
+                        recorded.add(cell.id)
+            return recorded
+
+        spec = options.race or suite.race
+        if spec is None:
+            run(runnable, None, None)
+        else:
+            _race(spec, suite, only_cells(cells, options.only), runnable, store, options, run, record, report)
         if summary.rows:  # the run completed: one file for it, so a report over many runs stays quick
             store.compact_run(suite.name, summary.run_id)
     return summary
 
 
-def job_for(cell: Cell, options: RunOptions) -> Job:
-    """What the cell's process needs besides the cell, from the run's options (a cell's own time limit first)."""
+def _race(spec: RaceSpec, suite: Suite, chosen: list[Cell], runnable: list[Cell], store: ResultStore,
+          options: RunOptions, run, record, report) -> None:
+    """Run the cells that cannot race as usual, then race the rest (bench/race.py): every rung's cells at once."""
+    from bench import race
+
+    if options.max_cells is not None:
+        raise SuiteError("--max-cells cannot cut a race short (its rungs need every config); drop one of them")
+    if options.rerun:  # --rerun races again: the earlier race's cuts and paused states go
+        store.race_log(suite.name).unlink(missing_ok=True)
+        for cell in chosen:
+            store.clear_state(suite.name, cell.id)
+    run([c for c in runnable if not race.races(c)], None, None)
+    raced = [c for c in chosen if race.races(c)]
+    if not raced:
+        return
+    waiting = {c.id for c in runnable}
+    done = {c.id for c in raced if c.id not in waiting}
+
+    def drop(cell: Cell, rung: int, why: str) -> None:
+        record(cell, _dropped(cell, store.saved_state(suite.name, cell.id), why, options.devices[0]), race_rung=rung)
+
+    race.RaceRun(spec, raced, store, suite.name, done, run, drop, report).go()
+
+
+def _dropped(cell: Cell, meta: dict | None, why: str, device: str) -> Outcome:
+    """A dropped cell's row: its numbers at the rung, from its saved state."""
+    from bench.result import Accuracy, Training
+
+    outcome = cellproc.without_process(device, status.DROPPED, why)
+    loop = (meta or {}).get("loop", {})
+    epochs = loop.get("epochs", [])
+    outcome.epochs = epochs
+    outcome.parts["training"] = Training(
+        epochs_run=loop.get("epochs_done"), steps_run=loop.get("step"), train_s=loop.get("train_s"),
+        eval_s=loop.get("eval_s"), segments=(meta or {}).get("segments"))
+    last = epochs[-1].get("val_top1") if epochs else None
+    outcome.parts["accuracy"] = Accuracy(val_top1_best=loop.get("best"), val_top1_final=last, val_top1_tested=last)
+    if meta and meta.get("wall_s") is not None:
+        outcome.parts["process"] = dataclasses.replace(outcome.parts["process"], wall_s=float(meta["wall_s"]))
+    return outcome
+
+
+def job_for(cell: Cell, options: RunOptions, state_dir: Path | None = None, **race) -> Job:
+    """What the cell's process needs besides the cell, from the run's options (a cell's own time limit first); its
+    saved-state folder, and in a race where to pause."""
     return Job(cell=cell, data_root=str(options.data_root) if options.data_root else None, download=options.download,
                stored_resolution=options.stored_resolutions.get(cell.dataset),
-               timeout_s=cell.cell_timeout_s or options.cell_timeout_s, max_host_bytes=options.max_host_bytes)
+               timeout_s=cell.cell_timeout_s or options.cell_timeout_s, max_host_bytes=options.max_host_bytes,
+               state_dir=str(state_dir) if state_dir else None, **race)
 
 
 def stored_resolutions(cells: list[Cell]) -> dict[str, int]:

@@ -81,6 +81,26 @@ class ResultStore:
             return None
         return meta if isinstance(meta, dict) and isinstance(meta.get("loop"), dict) else None
 
+    def race_log(self, suite: str) -> Path:
+        """A race's decisions so far (bench/race.py): the cut at each rung, so a resumed race never cuts twice."""
+        return self.root / suite / "state" / "race.json"
+
+    def latest_epochs(self, suite: str, cell_ids: Iterable[str]) -> dict[str, list[dict]]:
+        """The epoch table of each cell's newest row (by finish time, then run id)."""
+        wanted = set(cell_ids)
+        read = self.read(suites=[suite], columns=["finished_at"])
+        cells = read.cells
+        if cells.empty or read.epochs.empty:
+            return {}
+        cells = cells[cells["cell_id"].isin(wanted)].sort_values(["finished_at", "run_id"], na_position="first")
+        newest = dict(zip(cells["cell_id"], cells["run_id"]))
+        epochs = read.epochs[read.epochs["cell_id"].isin(wanted)]
+        out: dict[str, list[dict]] = {}
+        for row in epochs.sort_values("epoch").to_dict("records"):
+            if newest.get(row["cell_id"]) == row["run_id"]:
+                out.setdefault(row["cell_id"], []).append(row)
+        return out
+
     def clear_state(self, suite: str, cell_id: str) -> None:
         """Delete a cell's saved state: its row is written, ok or dropped."""
         shutil.rmtree(self.state_dir(suite, cell_id), ignore_errors=True)

@@ -26,7 +26,7 @@ if __name__ == "__main__":  # a fresh process: tie it to the runner first, befor
 
 from bench.errors import BenchError  # noqa: E402
 from bench.result import Build, Inference, Part, Peaks, Provenance  # noqa: E402
-from bench.status import classify, message  # noqa: E402, F401 - both were defined here; callers import them from here
+from bench.status import OK, PAUSED, classify, message  # noqa: E402, F401 - callers import classify, message from here
 from bench.suite import Cell  # noqa: E402
 
 # What `work` imports: the fork server imports these once, a fresh worker before it says it is ready.
@@ -63,7 +63,21 @@ def _inject_fault(cell: Cell) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def work(cell: Cell, spec: dict) -> tuple[dict[str, Part], list[dict]]:
+def _progress(cell: Cell):
+    """The train stage's events, to the runner; the test hook `sigkill_at_epoch:N` dies as epoch N's event is out
+    (the state saved after the epochs before it, as a kill mid-epoch would find it)."""
+    action = json.loads(os.environ.get("BENCH_FAULTS", "{}")).get(cell.id, "")
+    kill_at = int(action.partition(":")[2]) if action.startswith("sigkill_at_epoch:") else None
+
+    def progress(event: dict) -> None:
+        emit({**event, "cell_id": cell.id})
+        if kill_at is not None and event.get("kind") == "epoch" and event.get("epoch") == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return progress
+
+
+def work(cell: Cell, spec: dict) -> tuple[dict[str, Part], list[dict], dict]:
     """Load data, build the model, train and evaluate; return the result's parts this process measured
     (bench/result.py) and the epoch table."""
     import torch
@@ -76,9 +90,11 @@ def work(cell: Cell, spec: dict) -> tuple[dict[str, Part], list[dict]]:
         torch.cuda.set_device(device)
     measure.reset_vram(device)
     torch.manual_seed(cell.seed)
-    nvml = measure.nvml_used_reader(device)
-    sampler = measure.PeakSampler(nvml) if nvml else None
-    if sampler:
+    # NVML's view, sampled to peaks: the whole device (every process on it), and this process alone (what the
+    # card must hold for the cell: its CUDA context and the allocator's reserve too)
+    readers = {"device": measure.nvml_used_reader(device), "process": measure.nvml_process_reader(device)}
+    samplers = {name: measure.PeakSampler(read) for name, read in readers.items() if read}
+    for sampler in samplers.values():
         sampler.__enter__()
     try:
         splits = data.load_splits(cell.dataset, Path(spec["data_root"]) if spec.get("data_root") else None,
@@ -89,19 +105,19 @@ def work(cell: Cell, spec: dict) -> tuple[dict[str, Part], list[dict]]:
         backbone = models.build(cell, num_classes)
         flops = _flops(models, cell, num_classes)
         _inject_fault(cell)
-        outcome = train.run_cell(cell, splits, backbone, device, num_classes,
-                                 lambda ev: emit({**ev, "cell_id": cell.id}))
+        checkpoint = _checkpoint(cell, spec)
+        outcome = train.run_cell(cell, splits, backbone, device, num_classes, _progress(cell), checkpoint)
         peaks = measure.vram_peaks(device)  # training's; the inference measurement resets them
         inference = None
-        if cell.infer_bench == "auto":
+        if cell.infer_bench == "auto" and not outcome.paused:
             inference = _inference(inference_cost, backbone.model, cell, outcome.training.precision, device)
-        if cell.save_model != "none" and spec.get("model_dir"):  # the runner moves it into the results folder
+        if cell.save_model != "none" and spec.get("model_dir") and not outcome.paused:  # the runner moves it
             from bench import saved
 
             saved.save(Path(spec["model_dir"]), backbone.model, cell, splits.classes, backbone.recipe,
                        _stored_side(splits), outcome.row)
     finally:
-        if sampler:
+        for sampler in samplers.values():
             sampler.__exit__(None, None, None)
     build = Build(
         num_classes=num_classes, class_names=splits.classes, train_images=len(splits.train),
@@ -113,7 +129,8 @@ def work(cell: Cell, spec: dict) -> tuple[dict[str, Part], list[dict]]:
     )
     allocated = peaks["peak_vram_allocated_bytes"]
     measured = Peaks(
-        setup_s=outcome.ready_at - STARTED, peak_vram_nvml_bytes=sampler.peak if sampler else None,
+        setup_s=outcome.ready_at - STARTED, peak_vram_nvml_bytes=_peak(samplers, "device"),
+        peak_vram_process_bytes=_peak(samplers, "process"),
         peak_host_maxrss_bytes=measure.host_maxrss_bytes(), **peaks,
         # training's own peak: the resident data set aside
         peak_vram_train_bytes=None if allocated is None else max(0, allocated - outcome.training.data_device_bytes),
@@ -124,7 +141,28 @@ def work(cell: Cell, spec: dict) -> tuple[dict[str, Part], list[dict]]:
                               "peaks": measured, "provenance": provenance}
     if inference is not None:
         parts["inference"] = inference
-    return parts, outcome.epochs
+    ending = {"status": PAUSED if outcome.paused else OK, "prior_wall_s": checkpoint.prior_wall_s if checkpoint else 0.0}
+    return parts, outcome.epochs, ending
+
+
+def _checkpoint(cell: Cell, spec: dict):
+    """The cell's saved-state folder and what the runner asked of it (a race's pause), when it gave one."""
+    from bench.train.checkpoint import Checkpoint
+
+    if not spec.get("state_dir"):
+        return None
+
+    def warn(text: str) -> None:
+        print(text, file=sys.stderr)
+        emit({"kind": "warning", "cell_id": cell.id, "text": text})
+
+    return Checkpoint(Path(spec["state_dir"]), cell, pause_at=spec.get("pause_at"),
+                      forced=bool(spec.get("checkpoint_forced")), warn=warn)
+
+
+def _peak(samplers: dict, name: str) -> int | None:
+    """A sampler's peak; None where it never read a value (no NVML, or NVML never listed this process)."""
+    return samplers[name].peak or None if name in samplers else None
 
 
 def _inference(measure_cost, model, cell: Cell, precision: str, device) -> Inference | None:
@@ -187,8 +225,8 @@ def main(argv: list[str]) -> int:
     cell = Cell.model_validate_json(spec["cell"])
     _get_ready(cell)
     try:
-        parts, epochs = work(cell, spec)
-        result = {"status": "ok", "parts": _as_json(parts), "epochs": epochs}
+        parts, epochs, ending = work(cell, spec)
+        result = {**ending, "parts": _as_json(parts), "epochs": epochs}
     except Exception as exc:  # noqa: BLE001 - every failure becomes a result row, none is swallowed
         if not isinstance(exc, BenchError):
             traceback.print_exc()

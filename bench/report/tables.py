@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bench.suite import CELL_FIELDS
+from bench.suite import CELL_FIELDS, TUNED_FIELDS
 
 # Always shown: the axes a transfer-learning grid is usually built from.
 KEY_CONFIG = ["model", "resolution", "batch_size", "freeze"]
@@ -32,7 +32,7 @@ GROUP = ["suite", "group_id"]
 # leaderboard row per backbone config, at the values validation chose, so each backbone is compared at its own
 # best setting: with one fixed learning rate the ranking partly measures how well that rate suits each
 # architecture. (`lr` on rows is the rate actually used, so a probe's x10 default lands in its own fold.)
-TUNED = ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_fraction", "head_dropout")
+TUNED = TUNED_FIELDS
 
 
 def varying(rows: pd.DataFrame, columns: list[str]) -> list[str]:

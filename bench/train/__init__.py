@@ -10,6 +10,7 @@ import torch
 
 from bench.measure import Clock
 from bench.suite import Cell
+from bench.train.checkpoint import Checkpoint
 from bench.train.context import CellRun, Loaders, Outcome, Progress
 from bench.train.fit import WARMUP_STEPS, fit
 from bench.train.metrics import class_metrics, evaluate
@@ -29,8 +30,10 @@ def uses_feature_cache(cell: Cell) -> bool:
             and cell.mode == "train" and not cell.compile)
 
 
-def run_cell(cell: Cell, splits, backbone, device: torch.device, num_classes: int, progress: Progress) -> Outcome:
-    """Train and evaluate one cell (or time it, in throughput mode); returns row fields and epochs."""
+def run_cell(cell: Cell, splits, backbone, device: torch.device, num_classes: int, progress: Progress,
+             checkpoint: Checkpoint | None = None) -> Outcome:
+    """Train and evaluate one cell (or time it, in throughput mode); returns row fields and epochs. With a
+    `checkpoint`, training resumes from its saved state and saves (or pauses) at epoch boundaries."""
     from bench.loader import make_loader
 
     if device.type == "cuda":
@@ -52,7 +55,8 @@ def run_cell(cell: Cell, splits, backbone, device: torch.device, num_classes: in
                       loader(splits.val, False, "none") if len(splits.val) else None,
                       loader(splits.test, False, "none"))
     steps_per_epoch = max(1, len(splits.train) // cell.batch_size) if cached else len(loaders.train)
-    run = CellRun(cell, make_plan(cell, steps_per_epoch, device), device, num_classes, progress, Clock(device))
+    run = CellRun(cell, make_plan(cell, steps_per_epoch, device), device, num_classes, progress, Clock(device),
+                  checkpoint if cell.mode == "train" else None)  # a throughput window is never paused
     if cached:
         outcome = fit_on_features(run, model, backbone.head, loaders)
     else:

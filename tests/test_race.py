@@ -1,0 +1,121 @@
+"""A race: successive halving over a suite's configs. Survivors' rows equal a full grid's; dropped configs get
+`dropped` rows that resume and --retry-failed leave alone; a race killed at a rung boundary resumes exactly once."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from bench import race
+from bench.runner import RunOptions, run_suite
+from bench.store import ResultStore
+from bench.suite import Cell, RaceSpec, expand, parse_suite
+
+TINY = {"resolution": 32, "batch_size": 16, "train_subset": 64, "test_subset": 32,
+        "pretrained": False, "epochs": 3, "val_fraction": 0.25}
+COMPARED = ("top1", "test_correct", "val_top1_tested", "epochs_run", "steps_run", "test_epoch")
+
+
+def suite_of(name: str, race_: dict | None = None):
+    raw = {"name": name, "dataset": "synthetic", "defaults": TINY,
+           "grid": {"model": ["tv:resnet18", "tv:mobilenet_v3_small"], "freeze": ["none", "all"]}}
+    if race_ is not None:
+        raw["race"] = race_
+    return parse_suite(raw)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    suite = suite_of("race")
+    root = tmp_path_factory.mktemp("grid")
+    run_suite(suite, expand(suite), RunOptions(results=root))
+    read = ResultStore(root).read()
+    return read.cells.set_index("cell_id"), read.epochs
+
+
+@pytest.fixture(scope="module")
+def raced(tmp_path_factory):
+    suite = suite_of("race", {"eta": 2, "rungs": [1]})
+    root = tmp_path_factory.mktemp("raced")
+    events = []
+    run_suite(suite, expand(suite), RunOptions(results=root), events.append)
+    return root, suite, ResultStore(root).read().cells.set_index("cell_id"), events
+
+
+def test_the_cut_keeps_the_best_share_and_every_config_tied_with_the_line():
+    scores = [race.Score("a", 0.80, None, 1), race.Score("b", 0.70, None, 1), race.Score("c", 0.695, None, 1),
+              race.Score("d", 0.50, None, 1)]
+    decided = race.cut(scores, eta=2, margin=0.01)
+    assert decided.kept == ["a", "b", "c"] and decided.dropped == ["d"] and decided.line == 0.70  # c within 1 pt
+    # With seeds their spread decides: a noisy racer 5 pts below the line is not told apart from it ...
+    noisy = [race.Score("a", 0.80, 0.01, 3), race.Score("b", 0.70, 0.02, 3), race.Score("c", 0.65, 0.03, 3)]
+    assert race.cut(noisy, eta=3, margin=0.01).kept == ["a"]  # 10 and 15 pts below a: beyond their noise
+    assert race.cut(noisy, eta=2, margin=0.01).kept == ["a", "b", "c"]  # 5 pts < 2 x sqrt(.02^2 + .03^2) = 7.2 pts
+    # ... and one seed's worth of evidence never counts as three: identical seeds have zero spread, the margin holds
+    assert race.cut([race.Score("a", 0.8, 0.0, 3), race.Score("b", 0.78, 0.0, 3)], eta=2, margin=0.01).dropped == ["b"]
+
+
+def test_rungs_default_to_powers_of_eta_below_the_epochs():
+    assert race.rungs_for(RaceSpec(), 10) == [1, 3, 9] and race.rungs_for(RaceSpec(eta=2), 4) == [1, 2]
+    assert race.rungs_for(RaceSpec(rungs=[2, 5, 8]), 6) == [2, 5]
+
+
+def test_lr_sweeps_and_seeds_race_as_one_config():
+    a = Cell(model="tv:resnet18", lr=0.1, seed=0)
+    assert race.racer_key(a) == race.racer_key(a.model_copy(update={"lr": 0.01, "seed": 3}))
+    assert race.racer_key(a) != race.racer_key(a.model_copy(update={"resolution": 64}))
+
+
+def test_survivors_rows_equal_the_full_grids_and_dropped_ones_carry_the_rung(grid, raced):
+    full, full_epochs = grid
+    _, suite, rows, events = raced
+    assert set(rows["status"]) <= {"ok", "dropped"} and len(rows) == 4
+    survivors, dropped = rows[rows["status"] == "ok"], rows[rows["status"] == "dropped"]
+    assert len(survivors) >= 2 and len(dropped) >= 1  # eta 2 over 4 configs: at least 2 go on
+    for cell_id, row in survivors.iterrows():
+        assert row["race_rung"] == 1
+        for column in COMPARED:
+            assert row[column] == full.loc[cell_id, column], column
+    for cell_id, row in dropped.iterrows():
+        first = full_epochs[(full_epochs["cell_id"] == cell_id) & (full_epochs["epoch"] == 0)]["val_top1"].item()
+        assert row["race_rung"] == 0 and row["epochs_run"] == 1 and math.isclose(row["val_top1_final"], first)
+        assert "dropped by the race at rung 1 (1 epochs)" in row["error"]
+        # the cut was honest: every dropped config scored below every survivor at the rung
+        assert all(first < full_epochs[(full_epochs["cell_id"] == s) & (full_epochs["epoch"] == 0)]["val_top1"].item()
+                   for s in survivors.index)
+    assert any(e.get("kind") == "race" and "rung 1 of 1" in e["text"] for e in events)
+
+
+def test_dropped_rows_are_left_alone_by_resume_and_retry_failed(raced):
+    root, suite, _, _ = raced
+    assert run_suite(suite, expand(suite), RunOptions(results=root)).rows == []
+    assert run_suite(suite, expand(suite), RunOptions(results=root, retry_failed=True)).rows == []
+    assert not list((root / "race" / "state").glob("*/meta.json"))  # every state went with its row
+
+
+@pytest.mark.parametrize("where", ["before_the_cut", "after_the_cut"])
+def test_a_race_killed_at_the_rung_resumes_exactly_once(tmp_path, monkeypatch, raced, where):
+    _, _, expected, _ = raced
+    suite = suite_of("race", {"eta": 2, "rungs": [1]})
+    real_add = race.RaceLog.add
+
+    def killed(self, decision):
+        if where == "after_the_cut":
+            real_add(self, decision)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(race.RaceLog, "add", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, expand(suite), RunOptions(results=tmp_path))
+    assert ResultStore(tmp_path).read().cells.empty  # every config paused at the rung, no row yet
+    monkeypatch.setattr(race.RaceLog, "add", real_add)
+    run_suite(suite, expand(suite), RunOptions(results=tmp_path))
+    rows = ResultStore(tmp_path).read().cells
+    assert rows["cell_id"].is_unique and len(rows) == 4  # exactly once
+    got = rows.set_index("cell_id").sort_index()
+    pd.testing.assert_series_equal(got["status"], expected.sort_index()["status"])
+    ok = got[got["status"] == "ok"]
+    for column in ("top1", "test_correct"):
+        assert (ok[column] == expected.loc[ok.index, column]).all()
