@@ -26,6 +26,7 @@ from bench.freeze import apply_freeze
 from bench.heads import drop_aux_heads, install_heads
 from bench.recipe import IMAGENET, INTERPOLATIONS, InputRecipe
 from bench.registry import SOURCES, _canonical, _create, _head_paths, _require_timm, _skeleton, _split, meta_init
+from bench.train import weightstate
 from bench.registry import list_models, resolve  # noqa: F401  (callers use models.list_models / models.resolve)
 from bench.suite import Cell
 from bench.weights import HUB_PREFIX, HUB_TAG, downloading, is_cached, prepare, timm_cfg, tv_member
@@ -315,7 +316,8 @@ def _with_weights(cell: Cell, name: str, arch_weights: str | None, aux: bool) ->
         return _load(name, arch_weights, aux), None
     model = _create(name, arch_weights, meta=False)  # every branch: the checkpoint may hold the auxiliary ones
     path = files.checkpoint_file(cell.weights)
-    model.load_state_dict(_fit(name, model, path, f"{name} weights {cell.weights}", mmap=False), strict=False)
+    # through weightstate: a file carries no module versions, and MNASNet refuses a state without its own
+    weightstate.restore(model, _fit(name, model, path, f"{name} weights {cell.weights}", mmap=False))
     if not aux and getattr(model, "aux_logits", False) is True:
         drop_aux_heads(model, _head_paths(name)[1:])
     return model, files.file_sha256(path)

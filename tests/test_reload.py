@@ -160,8 +160,6 @@ def test_restoring_another_models_state_names_the_keys(tmp_path):
         weightstate.restore(model, weightstate.changing_state(model), strict=True)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bench/models.py _with_weights loads a checkpoint of your "
-                   "own with model.load_state_dict, without module versions; weightstate.restore there fixes it")
 def test_a_checkpoint_of_your_own_loads_into_mnasnet(tmp_path):
     model, _ = _build("tv:mnasnet0_5")
     torch.save(model.state_dict(), tmp_path / "own.pth")
