@@ -91,7 +91,8 @@ DATASET_SIZES = {"cifar10": (50_000, None, 10_000, 10), "cifar100": (50_000, Non
 ROW_COLUMNS = ["model", "resolution", "batch_size", "freeze", "precision", "mode", "augment", "feature_cache_used",
                "device", "gpu_name", "cpu_model", "wall_s", "train_s", "eval_s", "steps_run", "epochs_run",
                "train_images", "val_images", "test_images", "flops_per_image", "total_params",
-               "peak_vram_allocated_bytes", "peak_host_rss_bytes", "data_device_bytes"]
+               "peak_vram_allocated_bytes", "peak_vram_process_bytes", "peak_host_pss_bytes", "peak_host_rss_bytes",
+               "data_device_bytes"]
 
 
 @dataclass(frozen=True)
@@ -347,16 +348,26 @@ def _memory_risk(cell: Cell, rows: pd.DataFrame, target: Target) -> str:
     if len(ooms):
         r = ooms.iloc[0]
         return f"oom before at bs {int(r['batch_size'])}, {int(r['resolution'])} px"
-    column = "peak_host_rss_bytes" if target.key == "cpu" else "peak_vram_allocated_bytes"
-    ok = same[(same["status"] == "ok") & same[column].gt(0)]
+    measured = _memory_peaks(same, target)
+    ok = same[(same["status"] == "ok") & measured.gt(0)]
     if ok.empty or not target.memory_bytes:
         return ""
-    r = ok.iloc[int(np.abs(np.log(sizes[ok.index] / pixels)).argmin())]
+    i = int(np.abs(np.log(sizes[ok.index] / pixels)).argmin())
+    r = ok.iloc[i]
     # The dataset on the device and the weights, gradients and optimizer state do not grow with the batch.
     fixed = sum(0.0 if pd.isna(v) else float(v) for v in (r["data_device_bytes"], 16 * r["total_params"]))
-    peak = float(r[column])
+    peak = float(measured[ok.index[i]])
     predicted = fixed + max(peak - fixed, 0) * pixels / (float(r["batch_size"]) * float(r["resolution"]) ** 2)
     if predicted > 0.9 * target.memory_bytes:
         return (f"~{predicted / GIB:.0f} of {target.memory_bytes / GIB:.0f} GiB "
                 f"(scaled from bs {int(r['batch_size'])}, {int(r['resolution'])} px)")
     return ""
+
+
+def _memory_peaks(rows: pd.DataFrame, target: Target) -> pd.Series:
+    """The memory a cell met, as the report shows it: on the CPU the process tree's PSS (RSS for rows from before
+    PSS, which counts a page the cell's processes share once per process); on a GPU what the cell's process held on
+    it (NVML, per process), the allocator's peak for rows from before that."""
+    if target.key == "cpu":
+        return pd.to_numeric(rows["peak_host_pss_bytes"].fillna(rows["peak_host_rss_bytes"]), errors="coerce")
+    return pd.to_numeric(rows["peak_vram_process_bytes"].fillna(rows["peak_vram_allocated_bytes"]), errors="coerce")

@@ -1,16 +1,19 @@
 """The local executor: this machine's devices, one cell per device at a time (a thread each), every cell in its
 own process forked from a server that imported torch once (`bench/forkserver.py`), or a fresh interpreter
-where that cannot be (`BENCH_START_METHOD=subprocess`, not Linux)."""
+where that cannot be (`BENCH_START_METHOD=subprocess`, not Linux). Each row says how many cells shared the host
+while it ran (`concurrent_cells`)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 
 from bench import cellproc, forkserver, status
 from bench.cellproc import Job, Outcome, Report
+from bench.result import Process
 from bench.suite import Cell
 from bench.worker import preload_modules
 
@@ -54,6 +57,7 @@ def _drain(jobs: Sequence[Job], devices: tuple[str, ...], server, report: Report
         todo.put(job)
     ended: queue.Queue = queue.Queue()
     stop = threading.Event()
+    together = Concurrency()
 
     def serve(device: str) -> None:
         try:
@@ -62,7 +66,10 @@ def _drain(jobs: Sequence[Job], devices: tuple[str, ...], server, report: Report
                     job = todo.get_nowait()
                 except queue.Empty:
                     return
-                outcome = cellproc.run_cell(job, device, server, report, stop)
+                with together.cell() as shared:
+                    outcome = cellproc.run_cell(job, device, server, report, stop)
+                process = outcome.parts.get("process", Process())
+                outcome.parts["process"] = dataclasses.replace(process, concurrent_cells=shared.most)
                 if outcome.status == status.INTERRUPTED:  # no row: the run stopped, or the fork server died under
                     continue  # this cell (the next one starts a new server); it runs again next time
                 recorded = threading.Event()
@@ -91,3 +98,31 @@ def _drain(jobs: Sequence[Job], devices: tuple[str, ...], server, report: Report
         stop.set()
         for t in threads:
             t.join()
+
+
+@dataclasses.dataclass(eq=False)  # identity: `remove` takes this cell, not an equal one
+class _Shared:
+    most: int = 1  # the most cells running at once (this one included) while this one ran
+
+
+class Concurrency:
+    """How many cells ran at once on this host while each one ran. Every cell of a local run shares the host's
+    CPU, memory and disk with the others (and its GPU where two share a device): a cell that ran beside others
+    is slower than alone, and its row says so (`concurrent_cells`)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: list[_Shared] = []
+
+    @contextlib.contextmanager
+    def cell(self) -> Iterator[_Shared]:
+        mine = _Shared()
+        with self._lock:
+            self._running.append(mine)
+            for other in self._running:  # every cell running now saw this many at once
+                other.most = max(other.most, len(self._running))
+        try:
+            yield mine
+        finally:
+            with self._lock:
+                self._running.remove(mine)

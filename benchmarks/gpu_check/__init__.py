@@ -6,7 +6,8 @@
 
 Steps, in order: 0 setup (pydantic from wheels, the CIFAR-10 JPEGs, what is missing, the payload's size),
 1 environment, 2 `pytest -m gpu`, 3 throughput beside published figures, 4 harness vs bare loop, 5 device
-loader vs DataLoader, 6 real CIFAR-10 (ResNet-18 sanity run, ResNet-50 at 224 and 32 px, host RAM, VRAM),
+loader vs DataLoader, 6 real CIFAR-10 (ResNet-18 sanity run, ResNet-50 at 224 and 32 px, host RAM, VRAM of
+each cell's process, inference VRAM beside the same model never trained),
 7 a cell that runs out of memory, then one that must run. Each step has a time budget: past it, its
 processes are killed, it is recorded as `timeout` with what it had measured, and the next step runs; a
 failed step is recorded with its reason and the run goes on. `summary.md` and `summary.json` in the
@@ -18,7 +19,8 @@ Only the standard library is imported up front: this package runs before pydanti
 
 Modules, in the order the data flows: `config` (sizes, budgets, reference figures), `plumbing` (the run's context,
 commands under a deadline, wheels, data, rows as Markdown), `steps_setup` (steps 0-2), `steps_measure` (steps 3-7),
-`run` (the steps in order, the summary, the command line).
+`run` (the steps in order, the summary, the command line); `infer_reference` (a never-trained model's inference
+VRAM, in a process of its own).
 """
 
 from __future__ import annotations

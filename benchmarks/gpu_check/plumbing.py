@@ -272,8 +272,14 @@ def brief(r: dict) -> dict:
     return {"model": r["model"], "resolution": r["resolution"], "batch_size": r["batch_size"], "status": r["status"],
             "precision": r.get("precision"), "top1": num(r.get("top1")), "train_s": num(r.get("train_s")),
             "wall_s": num(r.get("wall_s")), "images_per_s": num(r.get("images_per_s")),
-            "host_rss_GiB": gib(num(r.get("peak_host_rss_bytes"))),
+            "host_pss_GiB": gib(host_bytes(r)),
             "vram_alloc_GiB": gib(num(r.get("peak_vram_allocated_bytes")))}
+
+
+def host_bytes(r: dict) -> float | None:
+    """Peak host RAM as bench reports it: the process tree's PSS, RSS for rows from before PSS was recorded."""
+    pss = num(r.get("peak_host_pss_bytes"))
+    return pss if pss is not None else num(r.get("peak_host_rss_bytes"))
 
 
 def goal(name: str, target: str, measured, met: bool | None) -> dict:
