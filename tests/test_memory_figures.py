@@ -263,7 +263,8 @@ def test_max_vram_judges_the_process_figure_and_falls_back_for_older_rows(tmp_pa
     assert older.group_id in set(load(tmp_path / "results", budget=Budget(max_vram_bytes=6 * GIB)).data.leaderboard[
         lambda b: b["vram_allocator_fallback"].astype(bool)]["group_id"])
     monkeypatch.setattr(report_plots, "PLOTS", {})
-    markdown = build_report(tmp_path / "results", tmp_path / "out", budget=Budget(max_vram_bytes=8 * GIB)).markdown.read_text()
+    built = build_report(tmp_path / "results", tmp_path / "out", budget=Budget(max_vram_bytes=8 * GIB))
+    markdown = built.markdown.read_text()
     assert "VRAM on the card ≤ 8.00 GiB (--max-vram)" in markdown
     assert "1 ranked config(s) recorded before that figure are judged on the allocator's training peak" in markdown
     board = {r["model"]: r for r in _table(markdown, "## Leaderboard")}
@@ -283,7 +284,7 @@ def _risk(target: est.Target, **peaks) -> str:
 
 def test_memory_risk_is_judged_on_pss_and_on_the_process_vram():
     cpu = est.Target("cpu", "cpu", None, 16 * GIB)
-    assert _risk(cpu, peak_host_pss_bytes=6 * GIB, peak_host_rss_bytes=20 * GIB) == ""  # RSS counts shared pages n times
+    assert _risk(cpu, peak_host_pss_bytes=6 * GIB, peak_host_rss_bytes=20 * GIB) == ""  # RSS: shared pages n times
     assert _risk(cpu, peak_host_rss_bytes=20 * GIB).startswith("~20 of 16 GiB")  # an older row: RSS is all there is
     gpu = est.Target("h100", "h100", None, 16 * GIB)
     assert _risk(gpu, peak_vram_allocated_bytes=14 * GIB) == ""

@@ -243,14 +243,16 @@ def infer_table(rows: list[dict], references: dict[str, dict], goals: list[dict]
         verdict = infer_verdict(r, ref)
         verdicts.append(verdict)
         trained, fresh = num(r.get("infer_peak_vram_bytes")), num(ref.get("infer_peak_vram_bytes")) if ref else None
+        extra = None if None in (trained, fresh) else round((trained - fresh) / 2**20, 1)
         out.append({"model": r["model"], "resolution": r["resolution"], "batch_size": r["batch_size"],
                     "weights_GiB": gib(num(ref.get("weights_bytes"))) if ref else None,
                     "never_trained_GiB": gib(fresh), "trained_GiB": gib(trained),
-                    "trained_minus_never_MiB": round((trained - fresh) / 2**20, 1) if None not in (trained, fresh) else None,
+                    "trained_minus_never_MiB": extra,
                     "ok": "n/a" if verdict is None else verdict})
     known = [v for v in verdicts if v is not None]
-    goals.append(goal(f"inference VRAM of a trained cell <= the model never trained + max({INFER_SLACK_BYTES >> 20} MiB, "
-                      f"{INFER_SLACK_FRACTION:.0%}): no gradients or optimizer state left", "all cells",
+    slack = f"max({INFER_SLACK_BYTES >> 20} MiB, {INFER_SLACK_FRACTION:.0%})"
+    goals.append(goal(f"inference VRAM of a trained cell <= the model never trained + {slack}: no gradients or "
+                      "optimizer state left", "all cells",
                       f"{sum(known)} of {len(known)}" if known else "not recorded", all(known) if known else None))
     return md(out) if out else "no rows"
 
