@@ -102,12 +102,16 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
               help="Run cells as SLURM jobs (submitit), one GPU each, on PARTITION ('local': submitit's local executor).")
 @click.option("--executor", type=click.Choice(["local", "ray", "slurm"]),
               help="Where cells run; ray means --ray auto, slurm the cluster's default partition (default: local).")
+@click.option("--race", is_flag=True,
+              help="Race the configs: all train to a first rung, the best third go on, and so on (the suite's race: "
+                   "settings, or eta 3 and rungs 1, 3, 9 ... epochs).")
 @friendly
 def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_cells, cell_timeout, max_host_mem,
-        no_download, overrides, ray_address, partition, executor):
+        no_download, overrides, ray_address, partition, executor, race):
     """Run every cell of SUITE (default: the embedded smoke suite) that has no result yet."""
     from bench.progress import Progress
     from bench.runner import RunOptions, only_cells, run_suite
+    from bench.suite import RaceSpec
 
     if rerun and retry_failed:
         raise BenchError("--rerun runs every cell again and --retry-failed only the failed ones; pass one of them")
@@ -122,7 +126,7 @@ def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_
                          rerun=rerun, retry_failed=retry_failed, only=only, max_cells=max_cells,
                          cell_timeout_s=cell_timeout,
                          max_host_bytes=int(max_host_mem * 2**30) if max_host_mem else None,
-                         download=not no_download)
+                         download=not no_download, race=(loaded.race or RaceSpec()) if race else None)
     where = (f"Ray ({ray_address})" if ray_address is not None else f"SLURM ({partition or 'default partition'})"
              if partition is not None else ", ".join(options.devices))
     matching = f", {len(only_cells(cells, only))} matching --only {only}" if only else ""
@@ -133,7 +137,10 @@ def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_
     click.echo(f"run {summary.run_id}: {len(summary.rows)} cells run, {summary.skipped} {left_out}")
     if summary.rows:
         click.echo(summary_table(summary.rows))
-    failed = [r for r in summary.rows if r["status"] != "ok"]
+    dropped = [r for r in summary.rows if r["status"] == "dropped"]
+    if dropped:
+        click.echo(f"{len(dropped)} cell(s) dropped by the race: not failures; their rows say at which rung and why.")
+    failed = [r for r in summary.rows if r["status"] not in ("ok", "dropped")]
     if failed:
         click.echo(f"{len(failed)} cell(s) did not finish ok; their rows say why (bench report lists them).")
 
@@ -172,8 +179,9 @@ def summary_table(rows: list[dict]) -> str:
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
               help="Earlier rows here calibrate the estimate.")
 @click.option("--estimate/--no-estimate", default=True, show_default=True, help="Estimate run time and memory risk.")
+@click.option("--race", is_flag=True, help="Also print the race's plan (the suite's race: settings, or the defaults).")
 @friendly
-def validate(suite, overrides, gpu, results, estimate):
+def validate(suite, overrides, gpu, results, estimate, race):
     """Check SUITE, print its expanded cells and what they will cost; runs nothing."""
     import pandas as pd
 
@@ -197,6 +205,8 @@ def validate(suite, overrides, gpu, results, estimate):
         click.echo(f"  {cell.model}{' ' + cell.weights if cell.weights else ''}: {recipe.describe()}  [{recipe.source}]")
     if cost:
         click.echo(_estimate_summary(cost))
+    if race or loaded.race is not None:
+        click.echo(_race_plan(cells, loaded.race, cost))
     click.echo(f"suite {loaded.name} ({loaded.source}): {len(cells)} cells, dataset {loaded.dataset}, ok")
 
 
@@ -204,6 +214,24 @@ def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _race_plan(cells, spec, cost) -> str:
+    """The race's rungs, the configs alive at each, and its device time against the full grid's."""
+    from bench import race
+    from bench.suite import RaceSpec
+
+    spec = spec or RaceSpec()
+    seconds = [c.seconds for c in cost.cells] if cost else [float(c.epochs) for c in cells]
+    planned = race.plan(cells, spec, seconds)
+    if not planned.rungs:
+        return "race: nothing to race (a race needs configs of two epochs or more, with validation, in train mode)"
+    line = (f"race (eta {spec.eta}, rungs at {', '.join(map(str, planned.rungs))} epochs, margin "
+            f"{100 * spec.margin:g} pts): configs {' -> '.join(map(str, planned.alive))}")
+    if not cost:
+        return line + f"; {100 * planned.race_s / planned.grid_s:.0f}% of the full grid's epochs"
+    return (line + f"; about {_duration(planned.race_s)} of device time against the full grid's "
+            f"{_duration(planned.grid_s)} ({100 * planned.race_s / planned.grid_s:.0f}%), if no config ties the cut-line")
 
 
 def _estimate_summary(cost) -> str:

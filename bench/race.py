@@ -233,3 +233,31 @@ def _dropped_why(k: int, rung: int, decision: dict, racer: str) -> str:
     tied = f", more than the {100 * band:.2f} pts it could be tied within" if band is not None else ""
     return (f"dropped by the race at rung {k + 1} ({rung} epochs): {said}, below the cut-line "
             f"{100 * decision['line']:.2f}%{tied}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a race will do at most, before it runs: its rungs, the configs alive at each (no ties assumed), and
+    the device time against the full grid's, from per-cell estimates of the whole cell's time."""
+
+    rungs: list[int]
+    alive: list[int]  # configs entering each rung, then the survivors that finish
+    race_s: float
+    grid_s: float
+
+
+def plan(cells: Sequence[Cell], spec: RaceSpec, seconds: Sequence[float | None]) -> Plan:
+    """The race over the cells that race, each costing `seconds` for its full epochs (spread evenly over them);
+    the share alive at a rung pays that share of every config's epochs up to the next rung."""
+    raced = [(c, s or 0.0) for c, s in zip(cells, seconds) if races(c)]
+    if not raced:
+        return Plan([], [], 0.0, 0.0)
+    rungs = rungs_for(spec, max(c.epochs for c, _ in raced))
+    alive = [len({racer_key(c) for c, _ in raced})]
+    for _ in rungs:
+        alive.append(max(1, math.ceil(alive[-1] / spec.eta)))
+    race_s, start = 0.0, 0
+    for share, end in zip((a / alive[0] for a in alive), [*rungs, None]):
+        race_s += share * sum(s * (min(c.epochs, end or c.epochs) - min(c.epochs, start)) / c.epochs for c, s in raced)
+        start = end or start
+    return Plan(rungs, alive, race_s, sum(s for _, s in raced))

@@ -165,7 +165,7 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
                         recorded.add(cell.id)
             return recorded
 
-        spec = options.race or suite.race
+        spec = None if options.retry_failed else options.race or suite.race  # a retry runs its cells to the end
         if spec is None:
             run(runnable, None, None)
         else:

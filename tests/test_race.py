@@ -119,3 +119,21 @@ def test_a_race_killed_at_the_rung_resumes_exactly_once(tmp_path, monkeypatch, r
     ok = got[got["status"] == "ok"]
     for column in ("top1", "test_correct"):
         assert (ok[column] == expected.loc[ok.index, column]).all()
+
+
+def test_the_plan_counts_the_configs_alive_at_each_rung_and_their_epochs():
+    cells = [Cell(model="tv:resnet18", resolution=r, epochs=9) for r in (32, 40, 48, 56, 64, 72, 80, 88, 96)]
+    planned = race.plan(cells, RaceSpec(), [9.0] * 9)  # one second per epoch each
+    assert planned.rungs == [1, 3] and planned.alive == [9, 3, 1]
+    # all nine for epoch 1, three for epochs 2-3, one for epochs 4-9: 9 + 6 + 6 of the grid's 81 seconds
+    assert planned.grid_s == 81.0 and math.isclose(planned.race_s, 21.0)
+
+
+def test_validate_prints_the_race_plan(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    out = CliRunner().invoke(main, ["validate", "--race", "--results", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "race (eta 3, rungs at 1 epochs, margin 1 pts): configs 4 -> 2; about" in out.output
