@@ -78,6 +78,10 @@ class Progress:
             bar.refresh()
         elif kind == "cell_done":
             self._finished(event["row"])
+        elif kind == "cell_paused":  # a race's rung: the cell goes on later, or is dropped, with its own line then
+            self._remove(event.get("cell_id"))
+        elif kind in ("warning", "race"):
+            self._say(("warning: " if kind == "warning" else "") + event["text"])
 
     def _start(self, cell_id: str, total_steps: int) -> None:
         """A bar for the cell on the lowest free line under the suite's (a cell that starts again keeps its line)."""
@@ -94,14 +98,20 @@ class Progress:
 
     def _finished(self, row: dict) -> None:
         self.done += 1
-        line = f"[{self.done}/{self.total}] {describe(row)}"
-        bar = self.running.pop(row.get("cell_id"), None)
-        self.lines.pop(row.get("cell_id"), None)
+        self._remove(row.get("cell_id"))
+        if self.cells is not None:
+            self.cells.update(1)
+        self._say(f"[{self.done}/{self.total}] {describe(row)}")
+
+    def _remove(self, cell_id: str | None) -> None:
+        bar = self.running.pop(cell_id, None)
+        self.lines.pop(cell_id, None)
         if bar is not None:
             bar.close()
+        self._show_running()
+
+    def _say(self, line: str) -> None:
         if self.cells is not None:
-            self._show_running()
-            self.cells.update(1)
             self.cells.write(line, file=self.stream)
         else:
             click.echo(line, file=self.stream)

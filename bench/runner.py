@@ -160,7 +160,9 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
             recorded: set[str] = set()
             with contextlib.closing(executor.run(jobs, report)) as outcomes:
                 for cell, outcome in outcomes:
-                    if outcome.status != status.PAUSED:
+                    if outcome.status == status.PAUSED:
+                        report({"kind": "cell_paused", "cell_id": cell.id})
+                    else:
                         record(cell, outcome, race_rung=rung)
                         recorded.add(cell.id)
             return recorded
@@ -223,7 +225,7 @@ def job_for(cell: Cell, options: RunOptions, state_dir: Path | None = None, **ra
     return Job(cell=cell, data_root=str(options.data_root) if options.data_root else None, download=options.download,
                stored_resolution=options.stored_resolutions.get(cell.dataset),
                timeout_s=cell.cell_timeout_s or options.cell_timeout_s, max_host_bytes=options.max_host_bytes,
-               state_dir=str(state_dir) if state_dir else None, **race)
+               state_dir=str(Path(state_dir).resolve()) if state_dir else None, **race)
 
 
 def stored_resolutions(cells: list[Cell]) -> dict[str, int]:

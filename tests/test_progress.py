@@ -91,3 +91,23 @@ def test_without_a_terminal_one_plain_line_per_finished_cell():
     assert stream.getvalue().splitlines() == [
         "[1/2] tv:resnet50 64px bs4 freeze=none seed1: oom (CUDA out of memory)",
         "[2/2] tv:resnet18 32px bs8 freeze=none seed0: ok, top1 0.500"]
+
+
+def test_a_paused_cell_leaves_its_line_and_warnings_and_rungs_are_said():
+    stream = Terminal()
+    progress = Progress(stream, cells=[A, B])
+    with progress:
+        for event in ({"kind": "suite", "total": 2, "skipped": 0},
+                      {"kind": "start", "total_steps": 10, "cell_id": A.id},
+                      {"kind": "start", "total_steps": 10, "cell_id": B.id},
+                      {"kind": "cell_paused", "cell_id": A.id},
+                      {"kind": "race", "text": "race rung 1 of 2 (1 epoch): 1 of 2 configs go on"},
+                      {"kind": "warning", "cell_id": B.id, "text": "saved state unreadable"}):
+            progress.handle(event)
+        assert list(progress.running) == [B.id] and progress.lines == {B.id: 2}
+    shown = stream.getvalue()
+    assert "race rung 1 of 2 (1 epoch): 1 of 2 configs go on" in shown and "warning: saved state unreadable" in shown
+    plain = io.StringIO()
+    with Progress(plain) as progress:
+        progress.handle({"kind": "warning", "text": "the race log belongs to another race"})
+    assert plain.getvalue() == "warning: the race log belongs to another race\n"
