@@ -102,15 +102,18 @@ T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 SPREAD = {"resnet18": (0.90, 0.008), "vgg16": (0.85, 0.001), "alexnet": (0.80, 0.001)}
 
 
-def night(store: ResultStore, day: int, values: dict[str, float], suite: str = "sel", **fields) -> str:
+def night(store: ResultStore, day: int, values: dict[str, float | None], suite: str = "sel", mode: str = "train",
+          images_per_s_by: dict[str, float] | None = None, **fields) -> str:
+    """One night's run: a row per model with its top1 (and images/s, 1000 unless given), one seed each."""
     run = (T0 + dt.timedelta(days=day)).strftime("%Y%m%dT%H%M%SZ") + f"-n{day:03d}"
     when = T0 + dt.timedelta(days=day)
     for model, top1 in values.items():
-        cell = Cell(suite=suite, dataset="cifar10", model=model)
+        cell = Cell(suite=suite, dataset="cifar10", model=model, mode=mode)
         store.write({**cell.model_dump(), "freeze": str(cell.freeze), "run_id": run, "cell_id": cell.id,
                      "group_id": cell.group_id, "status": "ok", "top1": top1, "val_top1_best": top1,
-                     "test_images": 10_000, "train_s": 10.0, "images_per_s": 1000.0, "started_at": when,
-                     "finished_at": when, "gpu_name": "NVIDIA H100", "torch_version": "2.4.0", **fields}, [])
+                     "test_images": 10_000, "train_s": 10.0, "images_per_s": (images_per_s_by or {}).get(model, 1000.0),
+                     "started_at": when, "finished_at": when, "gpu_name": "NVIDIA H100", "torch_version": "2.4.0",
+                     **fields}, [])
     return run
 
 
@@ -175,6 +178,25 @@ def test_history_speed_only_on_the_same_machine(tmp_path, no_plots):
     assert out.exit_code == 0, out.output
     assert "Holm over the report's 3 tests" in out.output  # top1 only
     assert "3 configs ran on another GPU or library version" in out.output and "accuracy only" in out.output
+
+
+def test_speed_only_configs_are_judged_by_their_history(tmp_path, no_plots):
+    """Throughput-mode configs (images/s, no accuracy) over six nights: resnet18's speed varies 0.5%, so 8% slower
+    is a regression though under the one-run rule's 10%; vgg16's varies 6%, so 12% below the previous night is
+    not, though over 10%."""
+    store = ResultStore(tmp_path / "results")
+    spread = {"resnet18": 0.005, "vgg16": 0.06}
+    wobble = [0.0, 1.0, -1.0, 0.5, -0.5, 1.2]
+    runs = [night(store, day, {m: None for m in spread}, mode="throughput",
+                  images_per_s_by={m: 1000 * (1 + w * sd) for m, sd in spread.items()}) for day, w in enumerate(wobble)]
+    tonight = night(store, 6, {m: None for m in spread}, mode="throughput",
+                    images_per_s_by={"resnet18": 920.0, "vgg16": 1072 * 0.88})
+    out = report(tmp_path / "results", "--run", tonight)
+    assert out.exit_code == 1, out.output
+    (line,) = [line for line in out.output.splitlines() if line.startswith("regression: ")]
+    assert "resnet18" in line and "images/s -8." in line and "against its history" in line
+    assert "comparison: sel: 2 configs compared: 2 against their own history (6 earlier runs" in out.output
+    assert f"run {runs[-1]}" not in out.output.split("comparison: ")[1].splitlines()[0]
 
 
 # ---------------------------------------------------------------- ci/nightly.sh's report stage

@@ -7,9 +7,10 @@ night-to-night sd with Student's prediction t, t = (mean - tonight) / (sd * sqrt
 freedom, one-sided (only a drop is a regression). Top-1 is tested in points; images/s as log(images/s) (speed
 noise is relative), against only the nights on tonight's GPU and library versions (PROVENANCE). Every p-value of
 the report is Holm-corrected together, and a config regresses when its corrected p is below ALPHA and its drop
-also exceeds a practical floor (TOP1_FLOOR, SPEED_FLOOR). A suite with fewer than MIN_HISTORY earlier runs, and a
-config with fewer nights (or a speed with fewer nights on tonight's machine), is judged against the previous run
-alone (`bench.report.compare`), as `--compare RUN` always is; the `rule` column says which rule judged a row.
+also exceeds a practical floor (TOP1_FLOOR, SPEED_FLOOR). Each metric stands on its own (a throughput-mode config
+has images/s only). A suite with fewer than MIN_HISTORY earlier runs, and a metric of a config with fewer nights
+(a speed: on tonight's machine), is judged against the previous run alone (`bench.report.compare`), as
+`--compare RUN` always is; the `rule` column says which rule judged each metric of a row.
 
 Why this rule. Apache Otava (the change-point detector MongoDB and DataStax run on their CI history; Matteson
 and James's E-divisive with the Hunter paper's t-test, windows and weak change points) answers a neighbouring
@@ -106,16 +107,15 @@ def judge(current: pd.DataFrame, baseline: pd.DataFrame, history: pd.DataFrame |
 
 def _against_history(current: pd.DataFrame, history: pd.DataFrame, previous: pd.DataFrame,
                      extra: list[str]) -> pd.DataFrame:
-    """The configs of `current` with MIN_HISTORY nights, tested against them (both metrics, Holm over all)."""
+    """The configs of `current` with MIN_HISTORY nights of a metric, tested against them (Holm over all tests)."""
     tonight = _nights(current)
     nights = _nights(history)
     nights = nights.merge(tonight[GROUP], on=GROUP)
     nights = nights.sort_values("_when", na_position="first", kind="stable").groupby(GROUP).tail(WINDOW)
     top1 = _test(nights, tonight, "top1", same_machine=False)
-    if top1.empty:
+    ips = _test(nights, tonight, "ips", same_machine=True)  # throughput-mode configs have this one only
+    if top1.empty and ips.empty:
         return pd.DataFrame()
-    ips = _test(nights, tonight, "ips", same_machine=True)
-    ips = ips[ips.index.isin(top1.index)]
     p = np.concatenate([top1["p"].to_numpy(dtype=float), ips["p"].to_numpy(dtype=float)])
     adjusted = holm(p)
     # The drop that alone would be flagged: Holm's first, strictest step (alpha / tests).
@@ -144,7 +144,8 @@ def _test(nights: pd.DataFrame, tonight: pd.DataFrame, metric: str, *, same_mach
         values = values[values["machine"] == values["machine_now"]]
     values = values[values.groupby(GROUP)[metric].transform("count") >= MIN_HISTORY]
     if values.empty:
-        return pd.DataFrame(columns=["n", "mean", "sd", "scale", "p", "tonight", "first", "last"])
+        return pd.DataFrame(columns=["n", "mean", "sd", "scale", "p", "tonight", "first", "last"],
+                            index=pd.MultiIndex.from_tuples([], names=GROUP))
     by = values.groupby(GROUP)  # sorted by config: the matrix's rows, in this order
     keys = by.size().index
     column = by.cumcount().to_numpy()
@@ -189,48 +190,61 @@ def _median(values: np.ndarray, count: np.ndarray) -> np.ndarray:
 
 def _rows(current: pd.DataFrame, extra: list[str], top1: pd.DataFrame, ips: pd.DataFrame,
           previous: pd.DataFrame) -> pd.DataFrame:
-    """The comparison's rows of the configs judged by their history: the history's figures where it judged,
-    the previous run's for a speed it could not (too few nights on tonight's machine), its lost seeds always."""
-    mine = current[current.set_index(GROUP).index.isin(top1.index)]
+    """The comparison's rows of the configs a history judged: its figures for each metric it judged, the previous
+    run's for one it could not (too few nights, or none on tonight's machine), the lost seeds always."""
+    mine = current[current.set_index(GROUP).index.isin(top1.index.union(ips.index))]
     by = mine.groupby(GROUP, sort=False)
     out = by.head(1).set_index(GROUP)[["model"]].assign(
         label=[config_label(r, extra) for _, r in by.head(1).iterrows()], seeds=by.size(),
         run_after=by["run_id"].agg(joined), cell_ids=by["cell_id"].agg(joined),
         status="– → " + by["status"].agg(lambda s: ", ".join(sorted(set(s.astype(str))))), provenance="", lost="",
-        top1_after_std=mine[mine["status"] == "ok"].groupby(GROUP)["top1"].std(), ips_p=np.nan, ips_p_holm=np.nan)
-    # What the previous run says: its status, lost seeds and provenance, and its speed figures until the history's.
-    out = previous.set_index(GROUP)[["status", "provenance", "lost", "ips_before", "ips_after", "ips_rel",
-                                     "ips_allowed"]].reindex(out.index).combine_first(out)
-    out = out.assign(top1_before=top1["mean"], top1_before_std=top1["sd"], top1_after=top1["tonight"],
-                     top1_delta=top1["tonight"] - top1["mean"], nights=top1["n"], top1_p=top1["p"],
-                     top1_p_holm=top1["p_holm"], top1_allowed=(top1["crit"] * top1["scale"]).clip(lower=TOP1_FLOOR),
-                     threshold_only=False,
-                     run_before=[f"{n} runs ({a} … {b})" for n, a, b in zip(top1["n"], top1["first"], top1["last"])])
-    speed_by_history = out.index.isin(ips.index) | out["ips_rel"].isna()
-    out["rule"] = np.where(speed_by_history, HISTORY, f"{HISTORY}; images/s: {PREVIOUS}")
-    if not ips.empty:
-        speed = ["ips_before", "ips_after", "ips_rel", "ips_allowed", "ips_p", "ips_p_holm"]  # geometric means
-        out.loc[ips.index, speed] = np.column_stack([
-            np.exp(ips["mean"]), np.exp(ips["tonight"]), np.exp(ips["tonight"] - ips["mean"]) - 1,
-            (1 - np.exp(-ips["crit"] * ips["scale"])).clip(lower=SPEED_FLOOR), ips["p"], ips["p_holm"]])
-    out["regression"] = [_reasons(r, len(top1) + len(ips)) for r in out.reset_index().to_dict("records")]
+        top1_after_std=mine[mine["status"] == "ok"].groupby(GROUP)["top1"].std(), threshold_only=False,
+        top1_p=np.nan, top1_p_holm=np.nan, ips_p=np.nan, ips_p_holm=np.nan)
+    top1_columns = ["top1_before", "top1_before_std", "top1_after", "top1_delta", "top1_allowed"]
+    ips_columns = ["ips_before", "ips_after", "ips_rel", "ips_allowed"]  # the history's: geometric means
+    kept = ["status", "provenance", "lost", "run_before", *top1_columns, *ips_columns]
+    out = previous.set_index(GROUP)[kept].reindex(out.index).combine_first(out)
+    for tested, columns, figures in (
+            (top1, [*top1_columns, "top1_p", "top1_p_holm"],
+             lambda t: [t["mean"], t["sd"], t["tonight"], t["tonight"] - t["mean"],
+                        (t["crit"] * t["scale"]).clip(lower=TOP1_FLOOR)]),
+            (ips, [*ips_columns, "ips_p", "ips_p_holm"],
+             lambda t: [np.exp(t["mean"]), np.exp(t["tonight"]), np.exp(t["tonight"] - t["mean"]) - 1,
+                        (1 - np.exp(-t["crit"] * t["scale"])).clip(lower=SPEED_FLOOR)])):
+        if not tested.empty:
+            out.loc[tested.index, columns] = np.column_stack([*figures(tested), tested["p"], tested["p_holm"]])
+    span = pd.concat([t for t in (ips, top1) if not t.empty])[["n", "first", "last"]].groupby(level=GROUP).last()
+    out["nights"] = span["n"].reindex(out.index)
+    out.loc[span.index, "run_before"] = [f"{n} runs ({a} … {b})" for n, a, b in span.itertuples(index=False)]
+    records = out.reset_index().to_dict("records")
+    out["rule"] = [_rule(r) for r in records]
+    out["regression"] = [_reasons(r, len(top1) + len(ips)) for r in records]
     return out.reset_index()
+
+
+def _rule(r: dict) -> str:
+    """"history" when the history judged every metric measured, else which rule judged each."""
+    metrics = (("top1", "top1_p", "top1_delta"), ("images/s", "ips_p", "ips_rel"))
+    rules = {name: HISTORY if pd.notna(r[p]) else PREVIOUS for name, p, delta in metrics if pd.notna(r[delta])}
+    return HISTORY if set(rules.values()) <= {HISTORY} else "; ".join(f"{m}: {v}" for m, v in rules.items())
 
 
 def _reasons(r: dict, tests: int) -> str:
     """Why a history-judged config regressed ("" when it did not): lost seeds, then top1, then images/s."""
     reasons = [r["lost"]] if r["lost"] else []
-    if r["top1_p_holm"] < ALPHA and -r["top1_delta"] > TOP1_FLOOR:
+    if pd.notna(r["top1_p_holm"]) and r["top1_p_holm"] < ALPHA and -r["top1_delta"] > TOP1_FLOOR:
         reasons.append(f"top1 {100 * r['top1_delta']:+.2f} pts against its history of {r['nights']} runs "
                        f"(mean {100 * r['top1_before']:.2f}% ± {100 * r['top1_before_std']:.2f}; one-sided t "
                        f"p = {r['top1_p']:.1g}, Holm over {tests} tests {r['top1_p_holm']:.1g}; "
                        f"allowed drop {100 * r['top1_allowed']:.2f} pts)")
-    by_history = pd.notna(r.get("ips_p_holm"))
-    if by_history and r["ips_p_holm"] < ALPHA and -r["ips_rel"] > SPEED_FLOOR:
+    elif pd.isna(r["top1_p"]) and pd.notna(r["top1_delta"]) and -r["top1_delta"] > r["top1_allowed"] + 1e-9:
+        reasons.append(f"top1 {100 * r['top1_delta']:+.2f} pts against the previous run (allowed drop "
+                       f"{100 * r['top1_allowed']:.2f} pts: fewer than {MIN_HISTORY} nights for a history)")
+    if pd.notna(r["ips_p_holm"]) and r["ips_p_holm"] < ALPHA and -r["ips_rel"] > SPEED_FLOOR:
         reasons.append(f"images/s {100 * r['ips_rel']:+.1f}% against its history on this GPU and library versions "
                        f"(p = {r['ips_p']:.1g}, Holm {r['ips_p_holm']:.1g}; "
                        f"allowed drop {100 * r['ips_allowed']:.1f}%)")
-    elif not by_history and pd.notna(r["ips_rel"]) and -r["ips_rel"] > r["ips_allowed"] + 1e-9:
+    elif pd.isna(r["ips_p"]) and pd.notna(r["ips_rel"]) and -r["ips_rel"] > r["ips_allowed"] + 1e-9:
         reasons.append(f"images/s {100 * r['ips_rel']:+.1f}% against the previous run (allowed drop "
                        f"{100 * r['ips_allowed']:.1f}%: too few nights on this GPU and library versions for a history)")
     return "; ".join(reasons)
@@ -242,7 +256,7 @@ def _rule_line(suite: str, comparison: pd.DataFrame, earlier: int, one_run: bool
     rows = comparison[comparison["suite"] == suite]
     if rows.empty:
         return f"{suite}: nothing compared (no earlier run shares cells with these rows)"
-    by_history = rows["rule"].astype(str).str.startswith(HISTORY)
+    by_history = rows["rule"].astype(str).str.contains(HISTORY)  # at least one metric judged by its history
     parts = []
     if by_history.any():
         nights = rows.loc[by_history, "nights"].astype(int)
