@@ -1,4 +1,4 @@
-"""The `bench` command: run, report, results, validate, models, predict, env, fetch. Parsing and printing only."""
+"""The `bench` command: run, report, results, validate, models, race, predict, env, fetch. Parsing and printing only."""
 
 from __future__ import annotations
 
@@ -349,6 +349,53 @@ def compact(results):
     for problem in done.problems:
         click.echo(f"warning: {problem}", err=True)
     click.echo(f"compacted {done.runs} runs ({done.files} files folded) in {results}/")
+
+
+@main.group(short_help="Judge the race (a suite's `race:`) on grids already run.")
+def race():
+    """Judge the race (successive halving, a suite's `race:`) on grids already run, without training anything."""
+
+
+def _rungs(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        rungs = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        rungs = []
+    if not rungs or min(rungs) < 1:
+        raise BenchError(f"--rungs {text!r} is not a list of epochs like 1,3 (whole numbers, 1 or more)")
+    return rungs
+
+
+@race.command(short_help="Simulate a race on a finished grid: its pick and device-hours against the grid's.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--suite", help="Replay this suite's run (default: the newest full grid in the folder).")
+@click.option("--run", "run_id", help="Replay this run id (default: the suite's newest run that was not a race).")
+@click.option("--eta", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Keep the best 1/eta of the configs at each rung.")
+@click.option("--rungs", metavar="1,3", help="Epochs at which configs are compared (default: 1, eta, eta^2 ... below "
+                                             "the cells' epochs).")
+@click.option("--margin", type=click.FloatRange(min=0, max=1, max_open=True), default=0.01, show_default=True,
+              help="Validation top-1 (fraction) within which a one-seed config survives the cut-line.")
+@friendly
+def replay(results, suite, run_id, eta, rungs, margin):
+    """Simulate a race on a finished full run from its epoch rows: the config it picks and the device-hours it
+    spends, against the grid's own pick and hours."""
+    from bench import replay as replays
+    from bench.store import ResultStore
+    from bench.suite import RaceSpec
+
+    spec = RaceSpec(eta=eta, rungs=_rungs(rungs), margin=margin)
+    store = ResultStore(results)
+    found = store.read(columns=["finished_at"], epochs=False)  # every run: an unknown name lists the known ones
+    suite, run_id = replays.choose_run(found.cells, str(results), run=run_id, suite=suite)
+    read = store.read(suites=[suite], runs=[run_id], columns=replays.COLUMNS)
+    for problem in read.problems:
+        click.echo(f"warning: {problem}", err=True)
+    done = replays.replay(read.cells, read.epochs, spec)
+    click.echo(done.table())
+    click.echo(done.summary())
 
 
 @main.command()
