@@ -21,7 +21,8 @@ from bench.errors import ResultsError, close_matches
 from bench.suite import Cell, RaceSpec
 
 # What a replay reads of each row (identity columns come with every read).
-COLUMNS = ("group_id", "cell_json", "finished_at", "val_top1_tested", "val_top1_best", "epochs_run", "train_s", "eval_s")
+COLUMNS = ("group_id", "cell_json", "finished_at", "val_top1_tested", "val_top1_best", "epochs_run", "train_s",
+           "eval_s")
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def replay(cells: pd.DataFrame, epochs: pd.DataFrame, spec: RaceSpec) -> Replay:
     """Race one run's rows (`cells`: one suite, one run, as `choose_run` chose) over its epoch rows under `spec`."""
     grid = _racers(cells)
     suite, run_id = str(cells["suite"].iloc[0]), str(cells["run_id"].iloc[0])
-    mine = epochs[(epochs["run_id"] == run_id) & epochs["cell_id"].isin(grid["cell_id"])] if not epochs.empty else epochs
+    mine = epochs if epochs.empty else epochs[(epochs["run_id"] == run_id) & epochs["cell_id"].isin(grid["cell_id"])]
     if mine.empty:
         raise ResultsError(f"run {run_id} has no epoch rows for its cells; a replay needs each epoch's validation "
                            "top-1 (rows from bench run keep them under epochs/): replay another run")
@@ -119,8 +120,8 @@ def replay(cells: pd.DataFrame, epochs: pd.DataFrame, spec: RaceSpec) -> Replay:
         alive &= set(decided.kept)
     hours = [_hours(row, by_cell.get(row["cell_id"], []), trained.get(race.racer_key(row["_cell"])))
              for _, row in grid.iterrows()]
-    pick, grid_pick, verdict = _picks(grid, alive, spec)
-    return Replay(suite, run_id, configs, rungs, pick.racer, grid_pick.racer, verdict, grid_pick.mean - pick.mean,
+    pick, grid_pick, said = _picks(grid, alive, spec)
+    return Replay(suite, run_id, configs, rungs, pick.racer, grid_pick.racer, said, grid_pick.mean - pick.mean,
                   race_hours=sum(h[0] for h in hours), grid_hours=sum(h[1] for h in hours))
 
 
@@ -158,22 +159,28 @@ def _hours(row: pd.Series, epochs: list[dict], trained: int | None) -> tuple[flo
 
 
 def _picks(grid: pd.DataFrame, alive: set[str], spec: RaceSpec) -> tuple[race.Score, race.Score, str]:
-    """The race's pick (best surviving config), the grid's (best of all) and how they compare: the same config,
-    within the noise band a cut would allow (`race.cut` over the two), or worse."""
-    final = grid["val_top1_tested"].fillna(grid["val_top1_best"])  # the weights tested; older rows: the best epoch
-    scored = grid.assign(_val=final, _racer=[race.racer_key(c) for c in grid["_cell"]])
-    configs = []
-    for group, rows in scored.groupby("group_id", sort=True):
-        found = race.score(str(group), {str(group): list(rows["_val"].astype(float))})
-        if found is not None:
-            configs.append((found, rows["_racer"].iloc[0]))
-    ranked = sorted(configs, key=lambda sr: (-sr[0].mean, sr[0].racer))
-    survivors = [s for s, racer in ranked if racer in alive]
-    if not ranked or not survivors:
+    """The race's pick (the best config of a surviving racer), the grid's (the best of all) and their verdict."""
+    racer_of = dict(zip(grid["group_id"], (race.racer_key(c) for c in grid["_cell"])))
+    ranked = final_scores(grid)
+    survivors = [s for s in ranked if racer_of[s.racer] in alive]
+    if not survivors:
         raise ResultsError(f"run {grid['run_id'].iloc[0]}: no {'surviving ' if ranked else ''}config has a final "
                            "validation top-1 (val_top1_tested); replay a run whose cells finished ok")
-    pick, best = survivors[0], ranked[0][0]
+    return survivors[0], ranked[0], verdict(ranked[0], survivors[0], spec.margin)
+
+
+def final_scores(rows: pd.DataFrame) -> list[race.Score]:
+    """Each config (group id, as `Score.racer`) scored as the report ranks it: the mean over seeds of the
+    validation top-1 of the weights tested (val_top1_tested; older rows: val_top1_best); best first."""
+    final = rows["val_top1_tested"].fillna(rows["val_top1_best"])
+    found = (race.score(str(group), {str(group): list(vals.astype(float))})
+             for group, vals in final.groupby(rows["group_id"]))
+    return sorted((s for s in found if s is not None), key=lambda s: (-s.mean, s.racer))
+
+
+def verdict(best: race.Score, pick: race.Score, margin: float) -> str:
+    """same, within noise (the band a race's cut allows: `race.cut` over the two keeps both), or worse."""
     if pick.racer == best.racer:
-        return pick, best, "same"
-    tied = race.cut([best, pick], eta=2, margin=spec.margin)  # keeps the best, and the other if within its noise
-    return pick, best, "within noise" if pick.racer in tied.kept else "worse"
+        return "same"
+    tied = race.cut([best, pick], eta=2, margin=margin)  # keeps the best, and the other if within its noise
+    return "within noise" if pick.racer in tied.kept else "worse"
