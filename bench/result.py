@@ -165,10 +165,11 @@ class Build(Part):
 class Training(Part):
     """The train stage's plan and clock: what it ran, for how long."""
 
-    RESOLVES: ClassVar[frozenset[str]] = frozenset({"precision", "lr"})
+    RESOLVES: ClassVar[frozenset[str]] = frozenset({"precision", "lr", "cuda_graphs"})
 
     precision: str | None = None
     lr: float | None = None
+    cuda_graphs: str | None = None  # on or off: whether the steps replayed a captured CUDA graph
     epochs_run: int | None = None
     steps_run: int | None = None
     train_s: float | None = None

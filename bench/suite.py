@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bench.errors import SuiteError, close_matches
 
 FreezeSpec = Union[Literal["none", "all"], int, float]
+Positive = Annotated[float, Field(gt=0)]
 
 # Fields that say how to run a cell, not what the cell is: they stay out of its id.
 RUNNER_FIELDS = frozenset({"cell_timeout_s", "checkpoint"})
@@ -27,6 +28,8 @@ RUNNER_FIELDS = frozenset({"cell_timeout_s", "checkpoint"})
 TUNED_FIELDS = ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_fraction", "head_dropout")
 # Part of every cell id: bump it when a field's default changes meaning, so old results are not resumed as new.
 ID_VERSION = 2  # 2: restore_best and probe_norm came in with defaults that change what a cell does
+DATASET_HELP = ("synthetic | cifar10 | cifar100 | cinic10 | imagefolder:/path | hf:OWNER/NAME (hf:OWNER/NAME:CONFIG) | "
+                "hf:/path/saved/with/save_to_disk")
 
 
 class Cell(BaseModel):
@@ -34,58 +37,97 @@ class Cell(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    suite: str = "adhoc"
-    dataset: str = "synthetic"
-    model: str
-    resolution: int = Field(32, ge=8, le=2048)
-    source_resolution: int | None = Field(None, ge=8, le=4096)
-    batch_size: int = Field(128, ge=1)
-    freeze: FreezeSpec = "none"
-    epochs: int = Field(1, ge=1)
-    steps: int | None = Field(None, ge=1)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float | None = Field(None, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_fraction: float = Field(0.05, ge=0, le=0.5)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
-    cudnn_benchmark: bool = True  # cuDNN autotuning on a GPU: faster steps after a warm-up of seconds per shape
-    compile: bool = False
-    pretrained: bool = True
-    weights: str | None = None  # a library's name for them, or a checkpoint file of your own (path/to/file.pth)
-    input_mean: tuple[float, float, float] | None = None  # over the weights' recipe: per channel, on [0, 1] pixels
-    input_std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = None
-    head: Literal["linear", "mlp"] = "linear"
-    head_hidden: int = Field(512, ge=1)
-    head_dropout: float = Field(0.0, ge=0, lt=1)
-    head_bn: bool = False
-    probe_norm: Literal["batchnorm", "none"] = "batchnorm"
-    augment: Literal["standard", "none", "strong"] = "standard"
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    train_subset: int | None = Field(None, ge=1)
-    test_subset: int | None = Field(None, ge=1)
-    seed: int = 0
-    target_top1: float | None = Field(None, gt=0, le=1)
-    restore_best: bool = True
-    # Save the cell's state after each epoch so a kill costs one epoch: auto saves once an epoch takes over a
-    # minute (and always in a race), epoch after every epoch, none never.
-    checkpoint: Literal["auto", "epoch", "none"] = "auto"
-    mode: Literal["train", "throughput"] = "train"
-    throughput_warmup_steps: int = Field(10, ge=0)
-    throughput_steps: int = Field(50, ge=1)
-    feature_cache: Literal["auto", "off"] = "auto"
-    infer_bench: Literal["auto", "off"] = "auto"
-    infer_budget_s: float = Field(4.0, gt=0)
-    save_model: Literal["none", "best", "all"] = "none"
-    cell_timeout_s: float | None = Field(None, gt=0)
+    suite: str = Field("adhoc", description="The suite's name, from its top-level `name` (not a key of defaults).")
+    dataset: str = Field("synthetic", description=DATASET_HELP)
+    model: str = Field(description="A backbone: a torchvision name (resnet18), timm:NAME, a glob ('efficientnet_b*'), "
+                       "or py:package.module:factory / py:path/to/file.py:factory.")
+    resolution: int = Field(32, ge=8, le=2048, description="Side in pixels of the images the model trains and tests on.")
+    source_resolution: int | None = Field(None, ge=8, le=4096, description=(
+        "Image folders and hf: datasets: the side images are stored at (default: the largest resolution any cell "
+        "asks for), capped by the images' own size."))
+    batch_size: int = Field(128, ge=1, description="Training batch size.")
+    freeze: FreezeSpec = Field("none", description=(
+        "none trains everything; all trains only the new head (a linear probe); a fraction 0 < f < 1 freezes that "
+        "share of the backbone's layers from the input; an integer n trains only the last n layers."))
+    epochs: int = Field(1, ge=1, description="Training epochs.")
+    steps: int | None = Field(None, ge=1, description="A cap on optimizer steps.")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="sgd (Nesterov momentum), adam or adamw.")
+    lr: float | None = Field(None, gt=0, description=(
+        "Learning rate (default: 0.01 for SGD, 1e-3 for Adam/AdamW; x10 for a linear probe, x5 from scratch)."))
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD's momentum.")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay, not applied to norms and biases.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning rate after warm-up: cosine or constant.")
+    warmup_fraction: float = Field(0.05, ge=0, le=0.5, description="Share of the steps warming the learning rate up, linearly.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the loss.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
+        "auto: bf16 on a GPU that has it, else fp32; fp32; bf16; fp16 with a gradient scaler."))
+    channels_last: bool = Field(True, description="Channels-last memory format for the model and its batches.")
+    # cuDNN autotuning on a GPU: faster steps after a warm-up of seconds per shape. `auto` (held as None, so the
+    # column stays a bool: rows hold the value used) turns it on where the cell's steps repay the autotuning.
+    cudnn_benchmark: bool | None = True
+    # Each training step captured once as a CUDA graph and replayed (bench/train/graphs.py); auto: where it is
+    # safe and pays (CUDA, small images, not fp16 or compile). Rows hold the value used.
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    compile: bool = Field(False, description="torch.compile the model.")
+    pretrained: bool = Field(True, description=(
+        "Start from pretrained weights; false: random init, with the same architecture and input recipe."))
+    weights: str | None = Field(None, description=(
+        "The library's name for the weights (default: the model's DEFAULT), or a checkpoint file of your own "
+        "(path/to/file.pth or .safetensors)."))
+    input_mean: tuple[float, float, float] | None = Field(None, description=(
+        "Per-channel mean on [0, 1] pixels, over the weights' recipe (default: the weights' own)."))
+    input_std: tuple[Positive, Positive, Positive] | None = Field(None, description=(
+        "Per-channel std on [0, 1] pixels, over the weights' recipe (default: the weights' own)."))
+    head: Literal["linear", "mlp"] = Field("linear", description="The new classifier head: linear or mlp.")
+    head_hidden: int = Field(512, ge=1, description="Hidden width of an mlp head.")
+    head_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the new head's last layer.")
+    head_bn: bool = Field(False, description="BatchNorm after an mlp head's hidden layer.")
+    probe_norm: Literal["batchnorm", "none"] = Field("batchnorm", description=(
+        "batchnorm: a parameter-free BatchNorm before a linear probe's head (freeze: all); none."))
+    augment: Literal["standard", "none", "strong"] = Field("standard", description=(
+        "standard: random crop with padding and flip; none; strong: standard plus rotations up to 15 degrees."))
+    val_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "Share of train held out for validation, with a fixed seed, when the dataset has no validation split."))
+    train_subset: int | None = Field(None, ge=1, description="A cap on training images (for smoke tests).")
+    test_subset: int | None = Field(None, ge=1, description="A cap on test images, and on validation images.")
+    seed: int = Field(0, description="The cell's seed; defaults.seeds (or grid.seed) runs each cell once per seed.")
+    target_top1: float | None = Field(None, gt=0, le=1, description=(
+        "Stop early when validation top-1 reaches it (a fraction); time-to-target is recorded."))
+    restore_best: bool = Field(True, description=(
+        "Test the best validation epoch's weights; false: the final weights."))
+    checkpoint: Literal["auto", "epoch", "none"] = Field("auto", description=(
+        "Save the cell's state after each epoch, so a kill costs one epoch: auto once an epoch takes over a minute "
+        "(and always in a race); epoch after every epoch; none never."))
+    mode: Literal["train", "throughput"] = Field("train", description=(
+        "train; throughput: warm-up and timed training steps on the real pipeline, no evaluation."))
+    throughput_warmup_steps: int = Field(10, ge=0, description="Throughput mode: steps before the timed ones.")
+    throughput_steps: int = Field(50, ge=1, description="Throughput mode: timed steps.")
+    feature_cache: Literal["auto", "off"] = Field("auto", description=(
+        "auto: a linear probe without augmentation trains its head on the backbone's features, computed once; off."))
+    infer_bench: Literal["auto", "off"] = Field("auto", description="auto: measure the trained model's inference cost; off.")
+    infer_budget_s: float = Field(4.0, gt=0, description="Seconds the inference measurement may take.")
+    save_model: Literal["none", "best", "all"] = Field("none", description=(
+        "Keep trained models under results/SUITE/models/: none; best (the suite's best on validation); all."))
+    cell_timeout_s: float | None = Field(None, gt=0, description="Seconds after which the cell is stopped (status timeout).")
+    image_column: str | None = Field(None, description=(
+        "hf: datasets: the column of images (default: its one Image column)."))
+    label_column: str | None = Field(None, description=(
+        "hf: datasets: the column of labels (default: its one ClassLabel column); class names are its names."))
 
     @field_validator("feature_cache", "infer_bench", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 (PyYAML) reads a bare `off` as false
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("cudnn_benchmark", mode="before")
+    @classmethod
+    def _auto_is_none(cls, value: Any) -> Any:
+        return None if value == "auto" else value
 
     @field_validator("freeze", mode="before")
     @classmethod
@@ -149,14 +191,19 @@ class Suite(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    description: str = ""
-    dataset: str
-    defaults: dict[str, Any] = Field(default_factory=dict)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
-    include: list[dict[str, Any]] = Field(default_factory=list)
-    exclude: list[dict[str, Any]] = Field(default_factory=list)
-    race: RaceSpec | None = None
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Letters, digits, _ . -; results go to results/NAME/.")
+    description: str = Field("", description="What the suite is for, in words.")
+    dataset: str = Field(description=DATASET_HELP)
+    defaults: dict[str, Any] = Field(default_factory=dict, description=(
+        "Cell fields for every cell, plus seeds: [0, 1, 2] (each cell runs once per seed)."))
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description=(
+        "Cell fields, each with a list of values: their cartesian product gives the cells."))
+    include: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "Extra cells; a list inside an entry is a small grid of its own."))
+    exclude: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "Partial cells to drop: a list is any of its values, a string a glob."))
+    race: RaceSpec | None = Field(None, description=(
+        "Race the configs (successive halving): all train to a first rung, the best 1/eta go on."))
     source: str = Field("<memory>", exclude=True)
 
     @property
@@ -232,9 +279,10 @@ def apply_overrides(suite: Suite, assignments: Iterable[str]) -> Suite:
 
 def _check_keys(suite: Suite) -> None:
     allowed = set(CELL_FIELDS) - {"suite", "dataset"}
-    for section, keys in [("defaults", suite.defaults), ("grid", suite.grid)] + [
+    sections = [("defaults", suite.defaults), ("grid", suite.grid)] + [
         (f"{name}[{i}]", entry) for name in ("include", "exclude") for i, entry in enumerate(getattr(suite, name))
-    ]:
+    ]
+    for section, keys in sections:
         for key in keys:
             if key == "seeds" and section == "defaults":
                 continue
@@ -248,6 +296,11 @@ def _check_keys(suite: Suite) -> None:
             raise SuiteError(f"{suite.source}: grid.{key} is an empty list; give it at least one value or remove it")
     if not suite.grid and not suite.include:
         raise SuiteError(f"{suite.source}: the suite has no cells; add a grid such as `grid: {{model: [resnet18]}}`")
+    if not suite.dataset.startswith("hf:"):
+        for key in ("image_column", "label_column"):
+            if any(key in keys for _, keys in sections):
+                raise SuiteError(f"{suite.source}: {key} names a column of an hf: dataset and the suite's dataset is "
+                                 f"{suite.dataset}; remove it, or use dataset: hf:OWNER/NAME")
     if "seed" in suite.grid and "seeds" in suite.defaults:
         raise SuiteError(f"{suite.source}: seeds are given twice (defaults.seeds and grid.seed); keep one")
     seeds = suite.defaults.get("seeds", [0])

@@ -64,10 +64,12 @@ def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) ->
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], Cell, float], torch.optim.Optimizer]] = {
-    "sgd": lambda g, c, lr: torch.optim.SGD(g, lr=lr, momentum=c.momentum, nesterov=c.momentum > 0),
-    "adam": lambda g, c, lr: torch.optim.Adam(g, lr=lr),
-    "adamw": lambda g, c, lr: torch.optim.AdamW(g, lr=lr),
+# `fused`: one kernel per update whose state and learning rate stay on the device: what a CUDA graph can replay
+# (bench/train/graphs.py); None keeps torch's default (foreach).
+OPTIMIZERS: dict[str, Callable[[list[dict], Cell, float, bool | None], torch.optim.Optimizer]] = {
+    "sgd": lambda g, c, lr, fused: torch.optim.SGD(g, lr=lr, momentum=c.momentum, nesterov=c.momentum > 0, fused=fused),
+    "adam": lambda g, c, lr, fused: torch.optim.Adam(g, lr=lr, fused=fused),
+    "adamw": lambda g, c, lr, fused: torch.optim.AdamW(g, lr=lr, fused=fused),
 }
 
 
@@ -81,18 +83,19 @@ def lr_factor(step: int, plan: Plan, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - plan.warmup_steps) / span)))
 
 
-def make_optimizer(module: nn.Module, cell: Cell, plan: Plan):
+def make_optimizer(module: nn.Module, cell: Cell, plan: Plan, fused: bool | None = None):
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    opt = OPTIMIZERS[cell.optimizer](param_groups(trainable, cell.weight_decay), cell, plan.lr)
+    opt = OPTIMIZERS[cell.optimizer](param_groups(trainable, cell.weight_decay), cell, plan.lr, fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, plan, cell.schedule))
     return opt, sched
 
 
-def autocast(precision: str, device: torch.device):
+def autocast(precision: str, device: torch.device, cache: bool = True):
+    """`cache=False` for a step a CUDA graph captures: autocast's cache of cast weights would outlive the capture."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def classification_loss(out, y: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,29 +113,39 @@ def classification_loss(out, y: torch.Tensor, smoothing: float) -> tuple[torch.T
 class Stepper:
     """One optimizer step at a time; keeps running sums on the device (no host sync per step)."""
 
+    cuda_graphs = "off"  # what the row records: this stepper runs every step eagerly
+    FUSED: bool | None = None  # the optimizer's implementation (OPTIMIZERS)
+
     def __init__(self, module: nn.Module, cell: Cell, plan: Plan, device: torch.device, forward=None):
         self.module, self.cell, self.plan, self.device = module, cell, plan, device
         self.forward = module if forward is None else forward  # not `or`: a compiled module has no truth value
-        self.opt, self.sched = make_optimizer(module, cell, plan)
+        self.opt, self.sched = make_optimizer(module, cell, plan, fused=self.FUSED)
         self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
-        self.reset()
-
-    def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
         self.seen = 0
 
+    def reset(self) -> None:
+        # in place: a captured CUDA graph adds into these very tensors
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.seen = 0
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        with autocast(self.plan.precision, self.device):
+        self.step(x, y)
+        self.sched.step()
+        self.seen += len(y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, cache: bool = True) -> None:
+        """Forward, loss, backward, the optimizer and the metric sums: everything on the device, no host sync."""
+        with autocast(self.plan.precision, self.device, cache):
             loss, logits = classification_loss(self.forward(x), y, self.cell.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
-        self.sched.step()
         self.loss_sum += loss.detach() * len(y)
         self.correct += (logits.detach().argmax(1) == y).sum()
-        self.seen += len(y)
 
     def read(self) -> tuple[float, float]:
         """Mean loss and top-1 since the last reset (this synchronises)."""
