@@ -62,12 +62,15 @@ class Cell(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
         "auto: bf16 on a GPU that has it, else fp32; fp32; bf16; fp16 with a gradient scaler."))
     channels_last: bool = Field(True, description="Channels-last memory format for the model and its batches.")
-    # cuDNN autotuning on a GPU: faster steps after a warm-up of seconds per shape. `auto` (held as None, so the
-    # column stays a bool: rows hold the value used) turns it on where the cell's steps repay the autotuning.
-    cudnn_benchmark: bool | None = True
-    # Each training step captured once as a CUDA graph and replayed (bench/train/graphs.py); auto: where it is
-    # safe and pays (CUDA, small images, not fp16 or compile). Rows hold the value used.
-    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    # `auto` is held as None, so the column stays a bool (rows hold the value used)
+    cudnn_benchmark: bool | None = Field(True, description=(
+        "cuDNN autotuning on a GPU: faster steps after a warm-up of seconds per shape; auto: on where the cell's "
+        "steps repay it (and in throughput mode). Rows hold the value used."),
+        json_schema_extra={"anyOf": [{"type": "boolean"}, {"const": "auto"}, {"type": "null"}]})
+    cuda_graphs: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Each training step captured once as a CUDA graph and replayed; auto: on a GPU for small images (at most "
+        "128 x 64 x 64 pixels a batch), never with fp16 or compile; on falls back to eager, said in one line, where "
+        "it cannot. Rows hold the value used."))
     compile: bool = Field(False, description="torch.compile the model.")
     pretrained: bool = Field(True, description=(
         "Start from pretrained weights; false: random init, with the same architecture and input recipe."))
