@@ -1,4 +1,5 @@
-"""The `bench` command: run, report, results, validate, models, race, predict, env, fetch. Parsing and printing only."""
+"""The `bench` command: run, report, results, validate, models, race, predict, env, schema, fetch. Parsing and
+printing only."""
 
 from __future__ import annotations
 
@@ -425,17 +426,31 @@ def env():
 
 
 @main.command()
+@click.option("--out", type=click.Path(path_type=Path), help="Write it to this file (suites/schema.json) instead.")
+def schema(out):
+    """Print the JSON Schema of suite files, for editors: suites name it on their first line with
+    `# yaml-language-server: $schema=./schema.json`."""
+    from bench.schema import schema_text
+
+    if out is None:
+        click.echo(schema_text(), nl=False)
+    else:
+        out.write_text(schema_text(), encoding="utf-8")
+        click.echo(f"wrote {out}")
+
+
+@main.command()
 @click.argument("names", nargs=-1, required=True)
 @click.option("--data-root", type=click.Path(path_type=Path), envvar="BENCH_DATA")
 @friendly
 def fetch(names, data_root):
-    """Download weights (tv:resnet50, timm:...) or datasets (cifar10, cifar100, cinic10) for offline use."""
+    """Download weights (tv:resnet50, timm:...) or datasets (cifar10, cifar100, cinic10, hf:OWNER/NAME) for
+    offline use."""
     from bench import data, models
 
     for name in names:
         if name.partition(":")[0] in data.DATASETS:
-            data.load_splits(name, data_root, download=True)
-            click.echo(f"{name}: ready under {data_root or data.default_data_root()}")
+            click.echo(f"{name}: {data.fetch(name, data_root)}")
         else:
             for model in models.resolve(name):
                 click.echo(f"{model}: {models.fetch_weights(model)}")

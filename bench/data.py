@@ -1,6 +1,6 @@
 """Datasets by name and reproducible splits: everything up to the uint8 arrays (or, for image folders too
 big to keep resident, the file lists) that the loaders batch from. Image folders are read and stored by
-`bench/imagefolder.py`.
+`bench/imagefolder.py`, Hugging Face datasets (`hf:`) by `bench/hfdata.py`.
 
 Batches come from `bench/loader.py` (resident on the device) and `bench/streaming.py` (DataLoader).
 """
@@ -8,8 +8,10 @@ Batches come from `bench/loader.py` (resident on the device) and `bench/streamin
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,72 +30,124 @@ def default_data_root() -> Path:
 # ---------------------------------------------------------------- registry
 
 
-# Each reader takes (argument after the colon, data root, may download, stored side asked for): only image
-# folders use the last; the others come at their own size.
+@dataclass(frozen=True)
+class Request:
+    """What a reader is asked for: the argument after the colon, the data root, whether it may download, the
+    stored side (image folders and hf: datasets; the others come at their own size) and, for hf: datasets, the
+    columns the suite names (None: found by their features)."""
+
+    arg: str
+    root: Path
+    download: bool = True
+    side: int | None = None
+    image_column: str | None = None
+    label_column: str | None = None
 
 
-def _synthetic(_arg: str, _root: Path, _download: bool, _side: int | None) -> Raw:
+def _synthetic(_want: Request) -> Raw:
     return synthetic_raw()
 
 
-def _cifar10(_arg: str, root: Path, download: bool, _side: int | None) -> Raw:
-    return _cifar(root, download, hundred=False)
+def _cifar10(want: Request) -> Raw:
+    return _cifar(want.root, want.download, hundred=False)
 
 
-def _cifar100(_arg: str, root: Path, download: bool, _side: int | None) -> Raw:
-    return _cifar(root, download, hundred=True)
+def _cifar100(want: Request) -> Raw:
+    return _cifar(want.root, want.download, hundred=True)
 
 
-def _cinic10(_arg: str, root: Path, download: bool, side: int | None) -> Raw:
+def _cinic10(want: Request) -> Raw:
 
-    folder = root / "cinic10"
-    if not (folder / "train").is_dir() and download:
+    folder = want.root / "cinic10"
+    if not (folder / "train").is_dir() and want.download:
         _download_cinic(folder)
     if not (folder / "train").is_dir():
         raise DatasetUnavailableError(
             f"cinic10 is not in {folder} and could not be downloaded; run `bench fetch cinic10` on a machine "
             f"with internet, or unpack CINIC-10.tar.gz into {folder}"
         )
-    return read_image_folder(folder, root, side)
+    return read_image_folder(folder, want.root, want.side)
 
 
-def _imagefolder(arg: str, root: Path, _download: bool, side: int | None) -> Raw:
+def _imagefolder(want: Request) -> Raw:
 
-    folder = Path(arg).expanduser()
+    folder = Path(want.arg).expanduser()
     if not (folder / "train").is_dir() or not (folder / "test").is_dir():
         raise DatasetUnavailableError(
-            f"imagefolder:{arg} needs {folder}/train and {folder}/test with one sub-folder per class; "
+            f"imagefolder:{want.arg} needs {folder}/train and {folder}/test with one sub-folder per class; "
             "check the path or create that layout"
         )
-    return read_image_folder(folder, root, side)
+    return read_image_folder(folder, want.root, want.side)
 
 
-DATASETS: dict[str, Callable[[str, Path, bool, int | None], Raw]] = {
+def _hf(want: Request) -> Raw:
+    from bench import hfdata
+
+    return hfdata.read(want.arg, want.root, want.download, want.side, image_column=want.image_column,
+                       label_column=want.label_column)
+
+
+DATASETS: dict[str, Callable[[Request], Raw]] = {
     "synthetic": _synthetic,
     "cifar10": _cifar10,
     "cifar100": _cifar100,
     "cinic10": _cinic10,
     "imagefolder": _imagefolder,
+    "hf": _hf,
 }
 
 
+TAKES_ARGUMENT = ("imagefolder", "hf")  # written NAME:ARGUMENT (a folder; a Hub name or a folder)
+
+
+def dataset_pattern() -> str:
+    """A regular expression for the dataset names bench reads (the suite schema's): the registry's plain names,
+    and NAME:ARGUMENT for those that take one."""
+    plain = "|".join(re.escape(k) for k in DATASETS if k not in TAKES_ARGUMENT)
+    return f"^({plain}|({'|'.join(TAKES_ARGUMENT)}):.+)$"
+
+
 def parse_name(dataset: str) -> tuple[str, str]:
-    """Split 'imagefolder:/some/path' into ('imagefolder', '/some/path'); check the name is registered."""
+    """Split 'imagefolder:/some/path' into ('imagefolder', '/some/path'); check the name is registered (and an
+    hf: dataset's name or path is well formed)."""
     kind, _, arg = dataset.partition(":")
     if kind not in DATASETS:
         raise UnknownDatasetError(f"unknown dataset {dataset!r}{close_matches(kind, DATASETS)}; choose one of {', '.join(DATASETS)}")
     if kind == "imagefolder" and not arg:
         raise UnknownDatasetError("imagefolder needs a path: write `dataset: imagefolder:/path/to/folder`")
+    if kind == "hf":
+        from bench import hfdata
+
+        hfdata.parse(arg)
     return kind, arg
 
 
+def _request(dataset: str, data_root: Path | None, **options) -> tuple[str, Request]:
+    kind, arg = parse_name(dataset)
+    return kind, Request(arg, Path(data_root or default_data_root()), **options)
+
+
 def prepare(dataset: str, data_root: Path | None = None, *, download: bool = True,
-            stored_resolution: int | None = None) -> None:
-    """Make sure a dataset is on disk (downloading it, decoding an image folder into its cache at
+            stored_resolution: int | None = None, image_column: str | None = None,
+            label_column: str | None = None) -> None:
+    """Make sure a dataset is on disk (downloading it, decoding an image folder or hf: dataset into its cache at
     `stored_resolution`, capped by the images' own size) once, before any cell starts; raises
     DatasetUnavailableError with the fix when it cannot be had, BadImageError naming an unreadable file."""
+    kind, want = _request(dataset, data_root, download=download, side=stored_resolution,
+                          image_column=image_column, label_column=label_column)
+    DATASETS[kind](want)
+
+
+def fetch(dataset: str, data_root: Path | None = None) -> str:
+    """Download a dataset for offline use (`bench fetch`); say where it is. An hf: dataset goes to the `datasets`
+    cache, undecoded: the run decodes it at the side its suite asks for."""
     kind, arg = parse_name(dataset)
-    DATASETS[kind](arg, Path(data_root or default_data_root()), download, stored_resolution)
+    if kind == "hf":
+        from bench import hfdata
+
+        return hfdata.fetch(arg)
+    load_splits(dataset, data_root, download=True)
+    return f"ready under {data_root or default_data_root()}"
 
 
 def load_splits(
@@ -105,11 +159,14 @@ def load_splits(
     test_subset: int | None = None,
     download: bool = True,
     stored_resolution: int | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> Splits:
-    """Load a dataset by name and cut it: validation carved from train with a fixed seed, optional subsets.
-    Image folders come at `stored_resolution` (see `prepare`)."""
-    kind, arg = parse_name(dataset)
-    raw = DATASETS[kind](arg, Path(data_root or default_data_root()), download, stored_resolution)
+    """Load a dataset by name and cut it: validation carved from train with a fixed seed (unless the dataset has
+    its own), optional subsets. Image folders and hf: datasets come at `stored_resolution` (see `prepare`)."""
+    kind, want = _request(dataset, data_root, download=download, side=stored_resolution,
+                          image_column=image_column, label_column=label_column)
+    raw = DATASETS[kind](want)
     rng = np.random.default_rng(SPLIT_SEED)
     order = rng.permutation(len(raw.train))
     if raw.val is not None:

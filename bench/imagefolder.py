@@ -1,4 +1,5 @@
-"""Image folders (train/ test/ [valid/], one sub-folder per class), stored once at one square side.
+"""Image folders (train/ test/ [valid/], one sub-folder per class), stored once at one square side; the
+storing itself (decode once, cache, bad images) is shared with Hugging Face datasets (`bench/hfdata.py`).
 
 Every image becomes the same S x S RGB picture whichever loader reads it: converted to RGB, resized so its
 short side is S, centre-cropped to S x S (torchvision's `Resize(S)` + `CenterCrop(S)` on PIL images, the
@@ -11,11 +12,14 @@ S is the suite's choice (`stored_resolution`: the largest resolution any cell as
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,13 +60,24 @@ class Manifest:
     checked: bool = False
 
 
+@dataclass
+class SplitImages:
+    """A split's images as `store_resident` takes them: a name per image (its path; `hf:NAME train[i]` for a
+    dataset's row) for messages and the manifest, their labels, and how to decode them all at a side (side,
+    threads) -> ((N, side, side, 3) uint8, unreadable name -> why)."""
+
+    names: list[str]
+    labels: np.ndarray
+    decode: Callable[[int, int], tuple[np.ndarray, dict[str, str]]]
+
+
 def read_image_folder(folder: Path, cache_root: Path, stored_resolution: int | None = None) -> Raw:
     """Read train/ test/ (valid/) class folders at the stored side; decoded once into cached uint8 arrays
     when they fit under BENCH_RESIDENT_MAX_BYTES, file lists for the streaming loader otherwise."""
     listing = list_folder(folder)
     paths = listing.all_paths()
-    manifest_file = _cache_dir(cache_root) / f"imagefolder-{_files_key(paths)}.json"
-    manifest = _load_manifest(manifest_file) or Manifest(cap=_typical_short_side(paths, folder))
+    manifest_file = cache_dir(cache_root) / f"imagefolder-{_files_key(paths)}.json"
+    manifest = load_manifest(manifest_file) or Manifest(cap=typical_short_side(paths, str(folder)))
     side = stored_side(stored_resolution, manifest.cap)
     stored_bytes = (len(paths) - len(manifest.bad)) * side * side * 3
     if stored_bytes > int(os.environ.get("BENCH_RESIDENT_MAX_BYTES", RESIDENT_MAX_BYTES)):
@@ -86,10 +101,11 @@ def stored_image(path: str, side: int) -> np.ndarray:
         raise BadImageError(_bad_message({path: _reason(exc)}, Path(path).parent)) from None
 
 
-def _decode(path: str, side: int) -> np.ndarray:
+def _decode(source: str | bytes, side: int) -> np.ndarray:
+    """One image file, or its encoded bytes (a Hugging Face dataset's row), as stored."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    with Image.open(_file(source)) as img:
         if img.mode.startswith("I;16"):
             # PIL clips 16-bit greyscale to 0-255 on conversion (nearly every pixel white): keep the top 8 bits.
             img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8), "L")
@@ -97,6 +113,10 @@ def _decode(path: str, side: int) -> np.ndarray:
         # (transparent pixels keep the colour stored under them). This decodes, so a truncated file fails here.
         rgb = img.convert("RGB")
     return np.asarray(_resize_crop(rgb, side))
+
+
+def _file(source: str | bytes):
+    return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
 
 
 def _resize_crop(img, side: int):
@@ -158,7 +178,7 @@ def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[str], lis
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
-def _cache_dir(cache_root: Path) -> Path:
+def cache_dir(cache_root: Path) -> Path:
     return cache_root / "bench-cache"
 
 
@@ -173,16 +193,16 @@ def _files_key(paths: list[str], extra: str = "") -> str:
 
 def cache_file(paths: list[str], cache_root: Path, side: int) -> Path:
     """Where a split's stored array is kept: keyed by its files, the stored side and the stored recipe."""
-    return _cache_dir(cache_root) / f"imagefolder-{_files_key(paths, f'{STORED_RECIPE}|{side}')}.npy"
+    return cache_dir(cache_root) / f"imagefolder-{_files_key(paths, f'{STORED_RECIPE}|{side}')}.npy"
 
 
-def _load_manifest(path: Path) -> Manifest | None:
+def load_manifest(path: Path) -> Manifest | None:
     if not path.is_file():
         return None
     return Manifest(**json.loads(path.read_text()))
 
 
-def _save_manifest(path: Path, manifest: Manifest) -> None:
+def save_manifest(path: Path, manifest: Manifest) -> None:
     _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest.__dict__)))
 
 
@@ -194,23 +214,23 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _typical_short_side(paths: list[str], folder: Path) -> int:
-    """The median short side of up to CAP_SAMPLE files spread evenly over the listing (headers only).
-    The median, not the largest: one big outlier must not blow every image up, nor one thumbnail shrink
-    them all. Unreadable files are left out here; decoding names them."""
+def typical_short_side(sources: Sequence[str | bytes], where: str, first: str | None = None) -> int:
+    """The median short side of up to CAP_SAMPLE images (files, or encoded bytes) spread evenly over the
+    listing (headers only). The median, not the largest: one big outlier must not blow every image up, nor
+    one thumbnail shrink them all. Unreadable images are left out here; decoding names them."""
     from PIL import Image
 
-    sample = paths[::max(1, len(paths) // CAP_SAMPLE)][:CAP_SAMPLE]
+    sample = sources[::max(1, len(sources) // CAP_SAMPLE)][:CAP_SAMPLE]
     shorts = []
-    for p in sample:
+    for source in sample:
         try:
-            with Image.open(p) as img:
+            with Image.open(_file(source)) as img:
                 shorts.append(min(img.size))
         except _PIL_ERRORS:
             continue
     if not shorts:
-        raise BadImageError(f"none of the {len(sample)} files sampled from {folder} is an image "
-                            f"PIL can read (the first: {paths[0]}); check that the folder holds images")
+        raise BadImageError(f"none of the {len(sample)} images sampled from {where} is one PIL can read "
+                            f"(the first: {first or sources[0]}); check that it holds images")
     return int(sorted(shorts)[(len(shorts) - 1) // 2])
 
 
@@ -227,18 +247,20 @@ def decode_threads(typical_side: int | None = None) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def decode_images(paths: list[str], side: int, threads: int | None = None) -> tuple[np.ndarray, dict[str, str]]:
-    """Every image as stored, into one (N, side, side, 3) uint8 array, in a thread pool; the unreadable
-    files (path -> why) come back beside it, their rows left at zero."""
+def decode_images(paths: Sequence[str | bytes], side: int, threads: int | None = None,
+                  names: Sequence[str] | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """Every image (a file, or encoded bytes) as stored, into one (N, side, side, 3) uint8 array, in a thread
+    pool; the unreadable ones (path, or its name in `names` -> why) come back beside it, their rows left at zero."""
     out = np.zeros((len(paths), side, side, 3), dtype=np.uint8)
     bad: dict[str, str] = {}
+    names = paths if names is None else names
 
     def chunk(span: range) -> None:
         for i in span:
             try:
                 out[i] = _decode(paths[i], side)
             except _PIL_ERRORS as exc:
-                bad[paths[i]] = _reason(exc)
+                bad[names[i]] = _reason(exc)
 
     _pool_run(chunk, len(paths), threads)
     return out, bad
@@ -279,23 +301,24 @@ def _skip_bad() -> bool:
     return os.environ.get(SKIP_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _allow_bad(bad: dict[str, str], folder: Path) -> None:
-    """Raise when some files cannot be read, unless BENCH_SKIP_BAD_IMAGES is set: then say on stderr how
-    many are left out and which, every time the folder is read (runner and each cell's log)."""
+def _allow_bad(bad: dict[str, str], folder: Path | str, unit: str = "files") -> None:
+    """Raise when some images cannot be read, unless BENCH_SKIP_BAD_IMAGES is set: then say on stderr how
+    many are left out and which, every time the folder (or dataset) is read (runner and each cell's log)."""
     if not bad:
         return
     if not _skip_bad():
-        raise BadImageError(_bad_message(bad, folder))
-    print(f"warning: {folder}: skipped {len(bad)} unreadable image file(s) ({SKIP_ENV}=1): {_first_few(bad)}",
+        raise BadImageError(_bad_message(bad, folder, unit))
+    what = "image file(s)" if unit == "files" else "image(s)"
+    print(f"warning: {folder}: skipped {len(bad)} unreadable {what} ({SKIP_ENV}=1): {_first_few(bad)}",
           file=sys.stderr, flush=True)
 
 
-def _bad_message(bad: dict[str, str], folder: Path) -> str:
+def _bad_message(bad: dict[str, str], folder: Path | str, unit: str = "files") -> str:
     if len(bad) == 1:
         return (f"{_first_few(bad)} cannot be decoded; replace or delete it, or set {SKIP_ENV}=1 to skip "
-                "unreadable files")
-    return (f"{len(bad)} files in {folder} cannot be decoded: {_first_few(bad)}; replace or delete them, "
-            f"or set {SKIP_ENV}=1 to skip unreadable files")
+                f"unreadable {unit}")
+    return (f"{len(bad)} {unit} in {folder} cannot be decoded: {_first_few(bad)}; replace or delete them, "
+            f"or set {SKIP_ENV}=1 to skip unreadable {unit}")
 
 
 def _first_few(bad: dict[str, str], few: int = 3) -> str:
@@ -316,31 +339,37 @@ def _streaming(listing: Listing, side: int, manifest: Manifest, manifest_file: P
     if not manifest.checked:
         bad = find_bad_images(listing.all_paths(), side, decode_threads(manifest.cap))
         manifest.bad, manifest.checked = bad, True
-        _save_manifest(manifest_file, manifest)
+        save_manifest(manifest_file, manifest)
     _allow_bad(manifest.bad, folder)
     return {k: FileList(*_without(p, y, manifest.bad), stored_resolution=side) for k, (p, y) in listing.splits.items()}
 
 
 def _resident(listing: Listing, side: int, manifest: Manifest, manifest_file: Path, cache_root: Path,
               folder: Path) -> dict[str, ImageArrays]:
-    """Each split as a stored uint8 array: from its cache when decoded before (no image is opened again),
-    else decoded in one pass over every split, bad files recorded in the manifest before anything is kept."""
+    splits = {k: SplitImages(p, y, functools.partial(decode_images, p)) for k, (p, y) in listing.splits.items()}
     caches = {k: cache_file(p, cache_root, side) for k, (p, _) in listing.splits.items()}
+    return store_resident(splits, side, caches, manifest, manifest_file, str(folder))
+
+
+def store_resident(splits: dict[str, SplitImages], side: int, caches: dict[str, Path], manifest: Manifest,
+                   manifest_file: Path, where: str, unit: str = "files") -> dict[str, ImageArrays]:
+    """Each split as a stored uint8 array: from its cache when decoded before (no image is opened again),
+    else decoded in one pass over every split, bad images recorded in the manifest before anything is kept."""
     if manifest.checked and all(c.is_file() for c in caches.values()):
-        _allow_bad(manifest.bad, folder)
-        return {k: ImageArrays(np.load(caches[k]), _without(p, y, manifest.bad)[1])
-                for k, (p, y) in listing.splits.items()}
+        _allow_bad(manifest.bad, where, unit)
+        return {k: ImageArrays(np.load(caches[k]), _without(s.names, s.labels, manifest.bad)[1])
+                for k, s in splits.items()}
     threads = decode_threads(manifest.cap)
-    decoded = {k: decode_images(p, side, threads) for k, (p, _) in listing.splits.items()}
+    decoded = {k: s.decode(side, threads) for k, s in splits.items()}
     manifest.bad = dict(sorted(b for _, bad in decoded.values() for b in bad.items()))
     manifest.checked = True
-    _save_manifest(manifest_file, manifest)
-    _allow_bad(manifest.bad, folder)
+    save_manifest(manifest_file, manifest)
+    _allow_bad(manifest.bad, where, unit)
     arrays = {}
-    for k, (paths, labels) in listing.splits.items():
+    for k, split in splits.items():
         images = decoded[k][0]
-        keep = np.asarray([p not in manifest.bad for p in paths], dtype=bool)
+        keep = np.asarray([name not in manifest.bad for name in split.names], dtype=bool)
         images = images if keep.all() else images[keep]
         _atomic_write(caches[k], lambda tmp, a=images: np.save(tmp, a))
-        arrays[k] = ImageArrays(images, labels[keep])
+        arrays[k] = ImageArrays(images, split.labels[keep])
     return arrays
