@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from bench import cellproc, executors, status
+from bench import cellproc, executors, status, tracking
 from bench.cellproc import Job, Outcome
 from bench.errors import SuiteError, close_matches
 from bench.result import CellResult, Identity
@@ -42,6 +42,7 @@ class RunOptions:
     ray: str | None = None  # a Ray address ("auto", "ray://host:10001") or "local": run cells as Ray tasks
     slurm: str | None = None  # a SLURM partition ("" the cluster's default; "local": submitit's local executor)
     race: RaceSpec | None = None  # race the suite's configs (its own `race:` when None)
+    tracker: tracking.Tracker | None = None  # also log each finished cell there (MLflow), after its row is written
     # dataset -> the side its image-folder images are stored at; run_suite fills it from the whole suite
     stored_resolutions: dict[str, int] = field(default_factory=dict)
 
@@ -125,6 +126,7 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
     """Run the cells that have no row yet; each finished cell is on disk before the next starts."""
     store = ResultStore(options.results)
     summary = RunSummary(run_id=new_run_id())
+    tracker = tracking.Guard(options.tracker, suite.name, report)  # its failures: one warning, never a lost row
 
     def record(cell: Cell, outcome: Outcome, race_rung: int | None = None) -> None:
         identity = Identity(run_id=summary.run_id, suite=suite.name, suite_hash=suite.hash, cell_id=cell.id,
@@ -140,6 +142,7 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
             store.keep_model(suite.name, cell.id, summary.run_id, outcome.files, cell.save_model, row.get("val_top1_tested"))
         summary.rows.append(row)
         report({"kind": "cell_done", "row": row})
+        tracker.log_cell(row, outcome.epochs, outcome.log)
 
     # The executor connects before the folder is locked (a bad address changes nothing), and stops its cells
     # (closing `outcomes`) before it is unlocked, so no cell runs on behind a later run's back.
@@ -149,9 +152,9 @@ def run_suite(suite: Suite, cells: list[Cell], options: RunOptions, report: Call
         options = dataclasses.replace(options, stored_resolutions=stored_resolutions(cells))
         missing = _missing_datasets(todo, options)
         for cell in todo:
-            if cell.dataset in missing:  # one clear row per cell, no process started for nothing
-                record(cell, cellproc.without_process(options.devices[0], *missing[cell.dataset]))
-        runnable = [cell for cell in todo if cell.dataset not in missing]
+            if _source(cell) in missing:  # one clear row per cell, no process started for nothing
+                record(cell, cellproc.without_process(options.devices[0], *missing[_source(cell)]))
+        runnable = [cell for cell in todo if _source(cell) not in missing]
 
         def run(batch: list[Cell], pause_at: int | None, rung: int | None) -> set[str]:
             """Run `batch` at once (a race's rung: pausing at `pause_at` epochs); record all but the pauses."""
@@ -241,18 +244,27 @@ def stored_resolutions(cells: list[Cell]) -> dict[str, int]:
     return out
 
 
-def _missing_datasets(cells: list[Cell], options: RunOptions) -> dict[str, tuple[str, str]]:
-    """Fetch or decode each dataset once, up front; map the ones that cannot be had to (status, error)."""
+def _missing_datasets(cells: list[Cell], options: RunOptions) -> dict[tuple, tuple[str, str]]:
+    """Fetch or decode each dataset once, up front; map the sources (`_source`) that cannot be had to
+    (status, error)."""
     from bench import data
     from bench.errors import UnavailableError
 
-    missing: dict[str, tuple[str, str]] = {}
-    for dataset in dict.fromkeys(c.dataset for c in cells):
+    missing: dict[tuple, tuple[str, str]] = {}
+    for source in dict.fromkeys(_source(c) for c in cells):
+        dataset, image_column, label_column = source
         try:
-            data.prepare(dataset, options.data_root, download=options.download, stored_resolution=options.stored_resolutions.get(dataset))
+            data.prepare(dataset, options.data_root, download=options.download,
+                         stored_resolution=options.stored_resolutions.get(dataset), image_column=image_column,
+                         label_column=label_column)
         except UnavailableError as exc:
-            missing[dataset] = (status.UNAVAILABLE, f"{exc.__class__.__name__}: {exc}")
+            missing[source] = (status.UNAVAILABLE, f"{exc.__class__.__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a corrupt file: every cell of it gets a row naming it
-            missing[dataset] = (status.classify(exc), f"{exc.__class__.__name__} preparing {dataset}: {exc}"[:2000])
+            missing[source] = (status.classify(exc), f"{exc.__class__.__name__} preparing {dataset}: {exc}"[:2000])
     return missing
+
+
+def _source(cell: Cell) -> tuple[str, str | None, str | None]:
+    """What a cell's data is read from: the dataset, and for an hf: dataset the columns the suite names."""
+    return cell.dataset, cell.image_column, cell.label_column
 

@@ -100,7 +100,8 @@ def work(cell: Cell, spec: dict) -> tuple[dict[str, Part], list[dict], dict]:
         splits = data.load_splits(cell.dataset, Path(spec["data_root"]) if spec.get("data_root") else None,
                                   val_fraction=cell.val_fraction, train_subset=cell.train_subset,
                                   test_subset=cell.test_subset, download=spec.get("download", True),
-                                  stored_resolution=spec.get("stored_resolution"))
+                                  stored_resolution=spec.get("stored_resolution"),
+                                  image_column=cell.image_column, label_column=cell.label_column)
         num_classes = len(splits.classes)
         backbone = models.build(cell, num_classes)
         flops = _flops(models, cell, num_classes)

@@ -293,3 +293,14 @@ def test_fetch_reports_a_cached_dataset_and_explains_a_missing_one(tmp_path, pri
     missing = CliRunner().invoke(main, ["fetch", "hf:someone/absent"])
     assert missing.exit_code == 2 and missing.stderr.startswith("error: hf:someone/absent is not in the datasets")
     assert "bench fetch hf:someone/absent" in missing.stderr and missing.stderr.count("\n") == 1
+
+
+def test_a_suite_that_names_the_label_column_runs_on_a_dataset_with_two(tmp_path):
+    folder = _saved(tmp_path / "saved", extra_label=True)  # two ClassLabel columns: label and warm
+    suite = parse_suite({"name": "hf_named", "dataset": f"hf:{folder}", "grid": {"model": ["tv:resnet18"]},
+                         "defaults": {"resolution": 16, "batch_size": 12, "epochs": 1, "pretrained": False,
+                                      "label_column": "warm", "infer_bench": "off"}})
+    done = run_suite(suite, expand(suite), RunOptions(results=tmp_path / "res", data_root=tmp_path / "data"))
+    (row,) = done.rows
+    assert row["status"] == "ok", row["error"]
+    assert row["num_classes"] == 2 and list(row["class_names"]) == ["cool", "warm"]
