@@ -106,13 +106,17 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
 @click.option("--race", is_flag=True,
               help="Race the configs: all train to a first rung, the best third go on, and so on (the suite's race: "
                    "settings, or eta 3 and rungs 1, 3, 9 ... epochs).")
+@click.option("--mlflow", "mlflow_uri", metavar="URI", envvar="BENCH_MLFLOW",
+              help="Also log each finished cell as an MLflow run at this tracking URI, e.g. sqlite:///mlflow.db or "
+                   "http://HOST:5000 (or BENCH_MLFLOW; needs bench[mlflow]).")
 @friendly
 def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_cells, cell_timeout, max_host_mem,
-        no_download, overrides, ray_address, partition, executor, race):
+        no_download, overrides, ray_address, partition, executor, race, mlflow_uri):
     """Run every cell of SUITE (default: the embedded smoke suite) that has no result yet."""
     from bench.progress import Progress
     from bench.runner import RunOptions, only_cells, run_suite
     from bench.suite import RaceSpec
+    from bench.tracking import MlflowTracker
 
     if rerun and retry_failed:
         raise BenchError("--rerun runs every cell again and --retry-failed only the failed ones; pass one of them")
@@ -120,6 +124,7 @@ def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_
     if (ray_address is not None or partition is not None) and (device or gpus):
         raise BenchError("--ray and --slurm give each cell a GPU of the cluster itself; drop --device and --gpus")
     loaded, cells = _load(suite, overrides)
+    tracker = MlflowTracker(mlflow_uri) if mlflow_uri else None  # MLflow missing: an error before any cell runs
     # On a cluster the cluster places cells; the driver's own device only labels rows it writes itself.
     remote = ray_address is not None or partition is not None
     devices = ("cpu",) if remote else _default_devices(device, gpus)
@@ -127,7 +132,8 @@ def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_
                          rerun=rerun, retry_failed=retry_failed, only=only, max_cells=max_cells,
                          cell_timeout_s=cell_timeout,
                          max_host_bytes=int(max_host_mem * 2**30) if max_host_mem else None,
-                         download=not no_download, race=(loaded.race or RaceSpec()) if race else None)
+                         download=not no_download, race=(loaded.race or RaceSpec()) if race else None,
+                         tracker=tracker)
     where = (f"Ray ({ray_address})" if ray_address is not None else f"SLURM ({partition or 'default partition'})"
              if partition is not None else ", ".join(options.devices))
     matching = f", {len(only_cells(cells, only))} matching --only {only}" if only else ""
