@@ -106,13 +106,19 @@ def _default_devices(device: str | None, gpus: str | None) -> tuple[str, ...]:
 @click.option("--race", is_flag=True,
               help="Race the configs: all train to a first rung, the best third go on, and so on (the suite's race: "
                    "settings, or eta 3 and rungs 1, 3, 9 ... epochs).")
+@click.option("--cells-per-gpu", metavar="N|auto",
+              help="Cells side by side on each device (default 1): N, or auto: as many as fit by the VRAM earlier rows "
+                   "of the same model needed (one where none did). Never a throughput cell; rows say concurrent_cells.")
+@click.option("--exclusive", is_flag=True,
+              help="One cell at a time on the whole machine, whatever the devices, so no row shares the host.")
 @click.option("--mlflow", "mlflow_uri", metavar="URI", envvar="BENCH_MLFLOW",
               help="Also log each finished cell as an MLflow run at this tracking URI, e.g. sqlite:///mlflow.db or "
                    "http://HOST:5000 (or BENCH_MLFLOW; needs bench[mlflow]).")
 @friendly
 def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_cells, cell_timeout, max_host_mem,
-        no_download, overrides, ray_address, partition, executor, race, mlflow_uri):
+        no_download, overrides, ray_address, partition, executor, race, mlflow_uri, cells_per_gpu, exclusive):
     """Run every cell of SUITE (default: the embedded smoke suite) that has no result yet."""
+    from bench.executors.local import packed
     from bench.progress import Progress
     from bench.runner import RunOptions, only_cells, run_suite
     from bench.suite import RaceSpec
@@ -138,7 +144,7 @@ def run(suite, results, data_root, device, gpus, rerun, retry_failed, only, max_
              if partition is not None else ", ".join(options.devices))
     matching = f", {len(only_cells(cells, only))} matching --only {only}" if only else ""
     click.echo(f"suite {loaded.name}: {len(cells)} cells{matching} on {where}; results in {results}/")
-    with Progress(cells=cells) as progress:
+    with packed(cells_per_gpu, exclusive, remote), Progress(cells=cells) as progress:
         summary = run_suite(loaded, cells, options, progress.handle)
     left_out = "ok or never run" if retry_failed else "already done"
     click.echo(f"run {summary.run_id}: {len(summary.rows)} cells run, {summary.skipped} {left_out}")

@@ -348,20 +348,45 @@ def _memory_risk(cell: Cell, rows: pd.DataFrame, target: Target) -> str:
     if len(ooms):
         r = ooms.iloc[0]
         return f"oom before at bs {int(r['batch_size'])}, {int(r['resolution'])} px"
+    found = _predicted_peak(cell, same, target)
+    if found is None or not target.memory_bytes:
+        return ""
+    predicted, r = found
+    if predicted > 0.9 * target.memory_bytes:
+        return (f"~{predicted / GIB:.0f} of {target.memory_bytes / GIB:.0f} GiB "
+                f"(scaled from bs {int(r['batch_size'])}, {int(r['resolution'])} px)")
+    return ""
+
+
+def expected_memory(cells: list[Cell], *, results: Path, target: Target) -> dict[str, float | None]:
+    """Each cell's expected peak memory on `target` (its process's VRAM on a GPU, its PSS on the CPU), scaled from
+    the nearest earlier ok row of the same model and freeze as the memory risk is; None where there is none."""
+    from bench.store import ResultStore
+
+    rows = _rows_of(ResultStore(results).read(columns=ROW_COLUMNS, epochs=False).cells, target)
+    out: dict[str, float | None] = {}
+    for cell in cells:
+        same = rows[(rows["model"] == cell.model) & (rows["freeze"].astype(str) == cell.freeze_label)] if len(rows) \
+            else rows
+        found = _predicted_peak(cell, same, target) if len(same) else None
+        out[cell.id] = found[0] if found else None
+    return out
+
+
+def _predicted_peak(cell: Cell, same: pd.DataFrame, target: Target) -> tuple[float, pd.Series] | None:
+    """The cell's peak memory scaled by batch x resolution^2 from the nearest ok row in `same`, and that row."""
+    pixels = cell.batch_size * cell.resolution**2
+    sizes = same["batch_size"].astype(float) * same["resolution"].astype(float) ** 2
     measured = _memory_peaks(same, target)
     ok = same[(same["status"] == "ok") & measured.gt(0)]
-    if ok.empty or not target.memory_bytes:
-        return ""
+    if ok.empty:
+        return None
     i = int(np.abs(np.log(sizes[ok.index] / pixels)).argmin())
     r = ok.iloc[i]
     # The dataset on the device and the weights, gradients and optimizer state do not grow with the batch.
     fixed = sum(0.0 if pd.isna(v) else float(v) for v in (r["data_device_bytes"], 16 * r["total_params"]))
     peak = float(measured[ok.index[i]])
-    predicted = fixed + max(peak - fixed, 0) * pixels / (float(r["batch_size"]) * float(r["resolution"]) ** 2)
-    if predicted > 0.9 * target.memory_bytes:
-        return (f"~{predicted / GIB:.0f} of {target.memory_bytes / GIB:.0f} GiB "
-                f"(scaled from bs {int(r['batch_size'])}, {int(r['resolution'])} px)")
-    return ""
+    return fixed + max(peak - fixed, 0) * pixels / (float(r["batch_size"]) * float(r["resolution"]) ** 2), r
 
 
 def _memory_peaks(rows: pd.DataFrame, target: Target) -> pd.Series:
