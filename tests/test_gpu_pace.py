@@ -207,5 +207,38 @@ def test_the_warm_up_profile_goes_to_the_cells_log_when_asked(monkeypatch, capsy
     lines = log.splitlines()
     first = lines.index("step  seconds")
     assert [line.split()[0] for line in lines[first + 1:first + 4]] == ["1", "2", "3"]
-    assert "cuDNN convolutions (autotuning runs inside):" in log and "top operators by self CPU time" in log
-    assert float(log.split("cuDNN convolutions (autotuning runs inside): ")[1].split()[0]) > 0  # ResNet-18's convs
+    label = "convolutions (cuDNN's autotuning runs inside them): "
+    assert label in log and "top operators by self CPU time" in log
+    assert float(log.split(label)[1].split()[0]) > 0  # ResNet-18's convolutions
+
+
+# ---------------------------------------------------------------- on a GPU (the GPU check's step 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_step_captured_on_the_gpu_trains_as_the_eager_one(optimizer):
+    cuda = torch.device("cuda:0")
+    cell = Cell(model="m", optimizer=optimizer, weight_decay=0.01, warmup_fraction=0.2, precision="fp32")
+    plan = Plan("fp32", 0.05, 8, 8, 2)
+    said: list[str] = []
+    eager = Stepper(tiny_net().to(cuda), cell, plan, cuda)
+    graphed = graphs.GraphStepper(tiny_net().to(cuda), cell, plan, cuda, warn=said.append)
+    for x, y in batches(8):
+        eager(x.to(cuda), y.to(cuda))
+        graphed(x.to(cuda), y.to(cuda))
+    assert not said and graphed.replay is not None and graphed.cuda_graphs == "on"
+    for a, b in zip(eager.module.state_dict().values(), graphed.module.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)  # cuDNN's algorithms may differ in rounding
+    assert graphed.read() == pytest.approx(eager.read(), rel=1e-3) and graphed.lr == pytest.approx(eager.lr)
+
+
+@pytest.mark.gpu
+def test_a_small_cell_on_the_gpu_replays_a_graph_and_says_so():
+    cuda = torch.device("cuda:0")
+    cell = Cell(**{**SMALL, "steps": 8}, cudnn_benchmark=False)
+    splits = data.load_splits("synthetic", train_subset=160, test_subset=32)
+    events: list = []
+    outcome = train.run_cell(cell, splits, models.build(cell, 10), cuda, 10, events.append)
+    assert not [e for e in events if e["kind"] == "warning"]
+    assert outcome.row["cuda_graphs"] == "on" and outcome.row["precision"] == "bf16" and outcome.row["top1"] is not None

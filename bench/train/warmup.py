@@ -30,7 +30,7 @@ CUDNN_AUTO_MIN_PIXELS = 10**10
 CUDNN_BENCHMARK_LIMIT = 10
 PROFILE_ENV, PROFILE_STEPS = "BENCH_PROFILE_WARMUP", 20
 # Profiler event names by what they spend the warm-up on (first match wins; matched case-insensitively).
-CAUSES = (("cuDNN convolutions (autotuning runs inside)", ("cudnn", "convolution")),
+CAUSES = (("convolutions (cuDNN's autotuning runs inside them)", ("cudnn", "convolution")),
           ("kernel launches (lazy module loading inside)", ("launchkernel", "cumoduleload", "culibraryload",
                                                             "cudagetfuncbysymbol")),
           ("allocator growth", ("cudamalloc", "cudafree", "cudahostalloc")),
@@ -130,7 +130,7 @@ def profile_table(cell: Cell, device: torch.device, stepper, seconds: list[float
              f"{cell.resolution} px, batch {cell.batch_size}) on {device}; {settings}",
              "step  seconds", *(f"{i + 1:>4}  {s:.4f}" for i, s in enumerate(seconds)),
              f"steady step (median of the last {len(tail)}): {steady:.4f} s; warm-up excess over it: {excess:.3f} s",
-             "where the profiled time went (self CPU time of the operators and CUDA API calls, s):"]
+             "where the profiled time went (self CPU time of the operators and CUDA API calls, every thread, s):"]
     lines += [f"  {name}: {total:.3f}" for name, total in causes(events).items()]
     table = events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
     return "\n".join([*lines, "top operators by self CPU time:", table])
