@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.report import fmt, perclass
+from bench.report import fmt, perclass, race
 from bench.report.context import ReportData
 from bench.report.fmt import Section
 from bench.report.plots import make_plots
@@ -113,8 +113,8 @@ def recommend(data: ReportData) -> Section:
     section.add("lead", f"{within} {_named(data, best)}: the best validation top-1, {fmt.pct(best['val_mean'])}%; "
                         f"test {fmt.pct(best['top1_mean'])}%." + _lead_ties(advice))
     section.add("table", fmt.table("", advice.picks, columns, css=lambda r: "near" if r["question"] == "best" else ""))
-    for line in filter(None, [_ties_note(data), *_unanswered(advice), _budget_note(data), _datasets(data),
-                              _rules(advice)]):
+    for line in filter(None, [race.pick_note(data), _ties_note(data), *_unanswered(advice), _budget_note(data),
+                              _datasets(data), _rules(advice)]):
         section.add("note", line)
     return section
 

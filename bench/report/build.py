@@ -72,7 +72,7 @@ def build_report(results: Path, out: Path, *, run: str | None = None, suite: str
     machine, warnings = provenance(data.current)
     warnings = warnings + data.comparison_notes  # images/s not compared across GPUs or library versions
     regressions = regression_lines(data.comparison)
-    sections = [_section(key, make, data) for key, make in SECTIONS.items()]
+    sections = [s for key, make in SECTIONS.items() if (s := _section(key, make, data)) is not None]
     for section in sections:  # which rule judged the comparison's rows (history, or one run), under its table
         if section.key == "comparison" and data.comparison_rules and not data.comparison.empty:
             section.add("note", "How the configs were judged: " + ". ".join(data.comparison_rules) + ".")
@@ -83,7 +83,7 @@ def build_report(results: Path, out: Path, *, run: str | None = None, suite: str
                          data.comparison_rules)
 
 
-def _section(key: str, make, data: ReportData) -> Section:
+def _section(key: str, make, data: ReportData) -> Section | None:
     try:
         return make(data)
     except Exception as exc:  # one section must not take the report down: the line names the error, problems list it

@@ -1,4 +1,5 @@
-"""The report's plots (seaborn): the registry, and the plots of memory, training curves and the confusion matrix.
+"""The report's plots (seaborn): the registry, and the plots of memory, training curves, a race's curves and the
+confusion matrix.
 
 Each plot takes the `ReportData` and returns a Figure, or a note saying why it was skipped. A plot that shows
 one config per point chooses it by validation (`tables.best_per`) and draws its test accuracy; the axis labels
@@ -19,11 +20,11 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
-from bench.report import along, fronts, perclass
+from bench.report import along, fronts, perclass, race
 from bench.report.context import ReportData
 from bench.report.plotkit import PNG_DPI, RC, figure, hue_order, legend_outside, png
 
-__all__ = ["PLOTS", "PNG_DPI", "Plot", "PlotSpec", "focus", "make_plots"]
+__all__ = ["OPTIONAL_PLOTS", "PLOTS", "PNG_DPI", "Plot", "PlotSpec", "focus", "make_plots"]
 MAX_CURVES = 8  # more lines than this in one panel stop being readable
 
 
@@ -125,6 +126,74 @@ def confusion_matrix(data: ReportData) -> Figure | str:
     return fig
 
 
+MAX_NAMED = 12  # dropped configs named one by one in the race plot's legend; beyond, one entry stands for them
+
+
+def race_curves(data: ReportData) -> Figure | str:
+    """Every raced config's validation top-1 against epochs trained: finished ones solid, dropped ones faded and
+    ending in a cross at the rung that cut them; one panel per raced suite, the rungs dashed."""
+    found = race.races(data)
+    epochs = data.epochs
+    if not found or epochs.empty or "val_top1" not in epochs or epochs["val_top1"].isna().all():
+        return "skipped: no per-epoch validation top-1 recorded for the raced cells"
+    fig, axes = figure(10, 5.2 * len(found), nrows=len(found))
+    for ax, r in zip(axes, found):
+        cells = data.current[(data.current["suite"] == r.suite) & data.current["race_rung"].notna()]
+        rows = epochs.merge(cells[["suite", "run_id", "cell_id", "group_id"]], on=["suite", "run_id", "cell_id"])
+        handles = _race_lines(ax, data, r, rows)
+        _rung_lines(ax, r)
+        ax.set(xlabel="epochs trained", ylabel="validation top-1 (%)",
+               title=f"{r.suite}: {len(r.racers)} configs raced, {r.count(race.DROPPED)} dropped")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="mean over seeds")
+    return fig
+
+
+def _race_lines(ax, data: ReportData, r: race.Race, rows: pd.DataFrame) -> list:
+    """One line per config (its curve's tuned values, mean over seeds), dropped ones first so that the finished
+    ones lie on top; returns the legend's handles in the race table's order."""
+    # One model's configs share its colour and differ in dashes, given in the table's order: finished ones solid.
+    style = r.racers.groupby("model", sort=False).cumcount()
+    named = len(r.racers) - r.count(race.FINISHED) <= MAX_NAMED
+    handles, finished = {}, r.racers["outcome"] == race.FINISHED
+    for i in [*r.racers.index[~finished][::-1], *r.racers.index[finished]]:
+        racer = r.racers.loc[i]
+        curve = rows[rows["group_id"] == racer["curve"]].groupby("epoch")["val_top1"].mean().dropna() * 100
+        if curve.empty:
+            continue
+        x, colour = curve.index.to_numpy() + 1, data.palette.get(racer["model"], "0.4")  # epoch 0 ends after 1 epoch
+        dashes = ["-", "--", "-.", ":"][style[i] % 4]
+        if racer["outcome"] == race.FINISHED:
+            rank = f"#{racer['rank']} " if pd.notna(racer["rank"]) else ""
+            (handles[i],) = ax.plot(x, curve, color=colour, lw=2.2, ls=dashes, marker="o", ms=4,
+                                    zorder=3, label=_wrap(f"{rank}{racer['label']}"))
+        else:
+            why = _race_outcome(racer)
+            (handles[i],) = ax.plot(x, curve, color=colour, lw=1.2, alpha=0.4, marker="X", ms=8, markevery=[len(x) - 1],
+                                    ls=dashes, label=_wrap(f"{racer['label']} ({why})"))
+    if named:
+        return [handles[i] for i in r.racers.index if i in handles]
+    proxy = ax.plot([], [], color="0.45", alpha=0.5, lw=1.2, marker="X", ms=8, label="dropped (faded; × where cut)")
+    return [handles[i] for i in r.racers.index[finished] if i in handles] + proxy
+
+
+def _wrap(label: str) -> str:
+    """Long config names on a few lines: a legend one line each would squeeze the axes to a sliver."""
+    return "\n".join(textwrap.wrap(label, 48, subsequent_indent="  "))
+
+
+def _race_outcome(racer: pd.Series) -> str:
+    return f"dropped at rung {int(racer['rung']) + 1}" if racer["outcome"] == race.DROPPED else "failed"
+
+
+def _rung_lines(ax, r: race.Race) -> None:
+    for k, epochs in enumerate(r.rungs):
+        if epochs is not None:
+            ax.axvline(epochs, color="0.4", ls="--", lw=1, zorder=1)
+            ax.text(epochs, 0.99, f" rung {k + 1}", transform=ax.get_xaxis_transform(), va="top", ha="left",
+                    fontsize=9, color="0.3")
+
+
 @dataclass(frozen=True)
 class PlotSpec:
     title: str
@@ -147,6 +216,13 @@ PLOTS: dict[str, PlotSpec] = {
 }
 
 
+# Plots of a section that only some results have (the race's): a report without one neither draws nor mentions
+# them, unlike PLOTS, which every report draws or says why not.
+OPTIONAL_PLOTS: dict[str, PlotSpec] = {
+    "race_curves": PlotSpec("Validation top-1 against epochs, every raced config", race_curves, "race"),
+}
+
+
 def draw_plot(data: ReportData, key: str, spec: PlotSpec) -> Plot:
     """One plot as a PNG, or a note: why there was nothing to draw, or which exception stopped it."""
     try:
@@ -162,4 +238,4 @@ def draw_plot(data: ReportData, key: str, spec: PlotSpec) -> Plot:
 
 def make_plots(data: ReportData, section: str = "plots") -> list[Plot]:
     """Draw every registered plot of `section`; a plot with nothing to show becomes a note, never an empty figure."""
-    return [draw_plot(data, key, spec) for key, spec in PLOTS.items() if spec.section == section]
+    return [draw_plot(data, key, spec) for key, spec in {**PLOTS, **OPTIONAL_PLOTS}.items() if spec.section == section]

@@ -16,7 +16,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from bench.report.fmt import Table
-from bench.report.plots import PLOTS, PNG_DPI
+from bench.report.plots import OPTIONAL_PLOTS, PLOTS, PNG_DPI
 from bench.report.sections import Section
 
 _MD_SPECIAL = re.compile(r"([\\|<>`*\[\]])")
@@ -72,7 +72,7 @@ def write_plots(out: Path, sections: list[Section]) -> list[Path]:
     """PNG files beside the Markdown; a plot skipped this time loses its stale PNG from an earlier report."""
     written = []
     drawn = {item.key: item for s in sections for kind, item in s.blocks if kind == "plot"}
-    for key in PLOTS:
+    for key in [*PLOTS, *OPTIONAL_PLOTS]:
         path = out / f"{key}.png"
         plot = drawn.get(key)
         if plot is not None and plot.png is not None:

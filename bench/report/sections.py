@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from bench.report import advice, fmt, stats, tables
+from bench import status
+from bench.report import advice, fmt, race, stats, tables
 from bench.report.context import ReportData
 from bench.report.fmt import Section
 from bench.report.plots import make_plots
@@ -184,6 +185,9 @@ def leaderboard(data: ReportData) -> Section:
     legends = [shared_note(board), _mcnemar_note(board), _unranked_note(board), memory_note(board)]
     for legend in filter(None, legends):  # read below the table
         section.add("note", legend)
+    dropped = race.dropped_table(data)
+    if dropped is not None:
+        section.add("table", dropped)
     return section.add("table", _pareto(data))
 
 
@@ -228,9 +232,11 @@ def sweep(data: ReportData) -> Section:
 
 def failed(data: ReportData) -> Section:
     section = Section("failed", "Failed cells")
-    if data.failed.empty:
-        return section.add("note", "None: every shown cell finished with status ok.")
-    rows = data.failed.sort_values(["suite", "model", "status", "seed"], kind="stable")
+    failures = data.failed[data.failed["status"] != status.DROPPED]  # a race's answer, not a failure
+    if failures.empty:
+        raced = " or was dropped by the race (listed under the leaderboard)" if len(data.failed) else ""
+        return section.add("note", f"None: every shown cell finished with status ok{raced}.")
+    rows = failures.sort_values(["suite", "model", "status", "seed"], kind="stable")
     suite = [("suite", lambda r: fmt.text(r["suite"]), False)] if data.current["suite"].nunique() > 1 else []
     columns = suite + [
         ("config", lambda r: tables.config_label(r, data.extra), False), ("seed", lambda r: fmt.text(r["seed"]), True),
@@ -340,6 +346,23 @@ def _pivot_table(table: pd.DataFrame, spec: tables.PivotSpec, source: pd.DataFra
     return fmt.Table(spec.title, [spec.index] + heads, rows, [False] + [True] * len(heads), note)
 
 
+def race_section(data: ReportData) -> Section | None:
+    """Each raced suite's rungs, configs and device-hours, and the curves; None (no section) without a race."""
+    found = race.races(data)
+    if not found:
+        return None
+    section = Section("race", "Race")
+    for r in found:
+        section.add("lead", race.summary(r)).add("table", race.rung_table(r))
+        for line in filter(None, [race.unrecorded(r), race.cost(r)]):
+            section.add("note", line)
+    for plot in make_plots(data, "race"):
+        section.add("plot", plot)
+    if any(r.count(race.DROPPED) for r in found):  # the risk is in what was dropped
+        section.add("note", race.RISK)
+    return section
+
+
 def plots(data: ReportData) -> Section:
     section = Section("plots", "Plots")
     for plot in make_plots(data):
@@ -370,8 +393,10 @@ def _when(value: object) -> str:
     return fmt.DASH if pd.isna(value) else pd.Timestamp(value).strftime("%Y-%m-%d %H:%M UTC")
 
 
-# The section registry, in report order.
-SECTIONS: dict[str, Callable[[ReportData], Section]] = {
-    "recommend": advice.recommend, "leaderboard": leaderboard, "per_class": advice.per_class, "sweep": sweep,
-    "failed": failed, "speed": speed, "comparison": comparison, "pivots": pivots, "plots": plots, "cells": cells,
+# The section registry, in report order. A section that only some results have returns None without them: the
+# race's, which a report over rows that never raced neither shows nor mentions.
+SECTIONS: dict[str, Callable[[ReportData], Section | None]] = {
+    "recommend": advice.recommend, "leaderboard": leaderboard, "race": race_section, "per_class": advice.per_class,
+    "sweep": sweep, "failed": failed, "speed": speed, "comparison": comparison, "pivots": pivots, "plots": plots,
+    "cells": cells,
 }
