@@ -209,12 +209,16 @@ def _dropped(cell: Cell, meta: dict | None, why: str, device: str) -> Outcome:
     from bench.result import Accuracy, Training
 
     outcome = cellproc.without_process(device, status.DROPPED, why)
-    loop = (meta or {}).get("loop", {})
+    loop, used = (meta or {}).get("loop", {}), (meta or {}).get("resolved", {})
     epochs = loop.get("epochs", [])
     outcome.epochs = epochs
     outcome.parts["training"] = Training(
         epochs_run=loop.get("epochs_done"), steps_run=loop.get("step"), train_s=loop.get("train_s"),
-        eval_s=loop.get("eval_s"), segments=(meta or {}).get("segments"))
+        eval_s=loop.get("eval_s"), segments=(meta or {}).get("segments"), precision=used.get("precision"),
+        lr=used.get("lr"))
+    if used.get("cudnn_benchmark") is not None:  # as the worker resolved it, as a finished row says
+        outcome.parts["provenance"] = dataclasses.replace(outcome.parts["provenance"],
+                                                          cudnn_benchmark=used["cudnn_benchmark"])
     last = epochs[-1].get("val_top1") if epochs else None
     outcome.parts["accuracy"] = Accuracy(val_top1_best=loop.get("best"), val_top1_final=last, val_top1_tested=last)
     if meta and meta.get("wall_s") is not None:

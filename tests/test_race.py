@@ -82,6 +82,10 @@ def test_survivors_rows_equal_the_full_grids_and_dropped_ones_carry_the_rung(gri
         first = full_epochs[(full_epochs["cell_id"] == cell_id) & (full_epochs["epoch"] == 0)]["val_top1"].item()
         assert row["race_rung"] == 0 and row["epochs_run"] == 1 and math.isclose(row["val_top1_final"], first)
         assert "dropped by the race at rung 1 (1 epochs)" in row["error"]
+        # the settings the run resolved, as a finished row records them (not the cell's auto / null)
+        assert (row["precision"], row["cudnn_benchmark"]) == (survivors["precision"].iloc[0],
+                                                               survivors["cudnn_benchmark"].iloc[0])
+        assert row["lr"] == full.loc[cell_id, "lr"]
         # the cut was honest: every dropped config scored below every survivor at the rung
         assert all(first < full_epochs[(full_epochs["cell_id"] == s) & (full_epochs["epoch"] == 0)]["val_top1"].item()
                    for s in survivors.index)
@@ -137,3 +141,16 @@ def test_validate_prints_the_race_plan(tmp_path):
     out = CliRunner().invoke(main, ["validate", "--race", "--results", str(tmp_path)])
     assert out.exit_code == 0, out.output
     assert "race (eta 3, rungs at 1 epochs, margin 1 pts): configs 4 -> 2; about" in out.output
+
+
+def test_a_config_dropped_by_a_race_after_a_full_grid_is_no_regression(grid):
+    from bench.report.compare import compare_runs
+    from bench.report.select import normalise
+
+    full, _ = grid
+    before = normalise(full.reset_index().assign(run_id="grid"))
+    after = before.assign(run_id="race", status="dropped", top1=None)
+    compared = compare_runs(after, before, [], top1_drop=0.01, speed_drop=0.10)
+    assert len(compared) == 4 and (compared["regression"] == "").all()
+    assert (compare_runs(before.assign(run_id="race", status="error", top1=None), before, [], top1_drop=0.01,
+                         speed_drop=0.10)["regression"] != "").all()  # a failure still is one

@@ -47,7 +47,8 @@ def compare_runs(current: pd.DataFrame, baseline: pd.DataFrame, extra: list[str]
     # Another GPU or library version on any seed that ran on both sides: the config's speed is not compared.
     rows = rows.assign(moved=rows["moved"].where(ok_before & ok_after, ""))
     same = ~rows.groupby(GROUP, sort=False)["moved"].transform(lambda m: (m != "").any())
-    rows = rows.assign(lost=ok_before & ~ok_after,
+    # a race's dropped config is an answer, not a lost seed: it is compared on nothing, and never flagged
+    rows = rows.assign(lost=ok_before & ~ok_after & (rows["status"] != "dropped"),
                        t_b=rows["top1_before"].where(ok_before), t_a=rows["top1"].where(ok_after),
                        i_b=rows["images_per_s_before"].where(ok_before & same),
                        i_a=rows["images_per_s"].where(ok_after & same))

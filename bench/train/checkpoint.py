@@ -23,7 +23,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class Checkpoint:
     segments: int = 1  # processes the training has run in, this one included
     resumed_from: int = 0  # epochs the saved state held when this segment began
     prior_wall_s: float = 0.0  # earlier segments' wall time, up to their last save
+    resolved: dict = field(default_factory=dict)  # settings as the run resolved them (precision, lr): a dropped row's
     warn: object = print  # one line for the user: a state that could not be used
 
     def wants(self, epoch: int, epoch_s: float) -> bool:
@@ -85,7 +86,7 @@ class Checkpoint:
         _atomic(folder / STATE, lambda f: torch.save(payload, f))
         meta = {"format": FORMAT, "bench_version": bench.__version__, "cell_id": self.cell.id,
                 "cell": self.cell.canonical(RUNNER_FIELDS), "epochs_done": loop["epochs_done"], "loop": loop, "best_file": best,
-                "segments": self.segments, "wall_s": self.prior_wall_s + _process_age_s()}
+                "segments": self.segments, "wall_s": self.prior_wall_s + _process_age_s(), "resolved": self.resolved}
         _atomic(folder / META, lambda f: f.write(json.dumps(meta, default=float).encode()))
         for old in folder.glob("best-*.pt"):  # only the one meta.json names is still needed
             if old.name != best:

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from bench.result import Accuracy, Training
@@ -76,6 +77,8 @@ def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
     run.progress({"kind": "start", "total_steps": plan.total_steps})
     keeper = BestWeights(stepper.module) if cell.restore_best and loaders.val is not None else None
     saved = ckpt.resume(stepper, loaders.train, keeper) if ckpt is not None else None
+    if ckpt is not None:  # what a row made from the saved state alone (a race's dropped cell) reports as used
+        ckpt.resolved = {"precision": plan.precision, "lr": plan.lr, "cudnn_benchmark": torch.backends.cudnn.benchmark}
     loop = _Loop(**saved) if saved else _Loop()
     if saved:
         run.progress({"kind": "step", "step": loop.step})
