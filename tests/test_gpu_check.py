@@ -132,6 +132,26 @@ def test_the_real_weights_step_finds_a_carried_wheel_and_skips_visibly_without_o
     assert gpu_check.find_lite_weights("lite2") == tmp_path / ".data" / "efficientnet-lite2-9656183e.pth"
 
 
+def test_the_suite_step_runs_the_slice_packs_it_and_extrapolates_cifar_full(rehearsal):
+    from bench.store import ResultStore
+
+    _, out, summary = rehearsal
+    step = summary["steps"]["suite"]
+    figures = step["figures"]
+    cells = ResultStore(out / "results").read().cells
+    packed = cells[cells["suite"] == "gpu_check_suite_packed"]
+    assert len(packed) == 2 and set(packed["concurrent_cells"]) == {2} and figures["packed_most"] == 2
+    assert set(cells[cells["suite"] == "gpu_check_suite_small"]["concurrent_cells"]) == {1}
+    assert figures["packing_speedup"] > 0 and figures["slice_useful_share"] > 0
+    assert figures["extrapolation"]["cells"] == 48 and figures["hours"] > 0  # two models' cifar_full cells
+    assert "warm-up profile (BENCH_PROFILE_WARMUP): the first 2 steps" in summary_text(out)
+    assert len(step["goals"]) == 7 and {g["met"] for g in step["goals"]} == {"n/a"}  # no GPU goal on the CPU
+
+
+def summary_text(out: Path) -> str:
+    return (out / "summary.md").read_text()
+
+
 def test_the_payload_for_a_gpu_machine_stays_under_64_mib():
     tarball = ASSETS / gpu_check.TARBALL
     payload = gpu_check.payload_bytes(tarball if tarball.is_file() else None, WHEELS)
@@ -142,7 +162,13 @@ def test_the_payload_for_a_gpu_machine_stays_under_64_mib():
 
 @pytest.mark.parametrize("sizes", [gpu_check.GPU, gpu_check.CPU], ids=["gpu_sizes", "cpu_sizes"])
 def test_each_step_runs_inside_its_own_budget_and_the_plan_inside_the_run(sizes, tmp_path):
-    assert sum(sizes.budgets_s.values()) <= sizes.total_s  # else the last steps are cut by the run's deadline
+    if sizes is gpu_check.CPU:  # the rehearsal runs every step at once
+        assert sum(sizes.budgets_s.values()) <= sizes.total_s  # else the last steps are cut by the run's deadline
+    for steps in gpu_check.PLAN:  # a GPU window: each invocation (setup and env always run) inside the 8 minutes
+        assert sum(sizes.budgets_s[k] for k in ("setup", "env", *steps)) <= sizes.total_s
+    assert sizes.total_s <= 480 or sizes is gpu_check.CPU
+    planned = [k for steps in gpu_check.PLAN for k in steps]
+    assert len(planned) == len(set(planned)) and gpu_check.PLAN[0] == ("pytest", "suite")  # issue 23's first
     ctx = context(tmp_path)
     ctx.sizes, ctx.deadline = sizes, time.monotonic() + 10 * sizes.total_s
     given = {}
@@ -211,6 +237,59 @@ def test_the_suites_each_mode_runs_pass_bench_validation(sizes, tmp_path):
         assert (lite.model, lite.resolution, lite.train_subset, lite.test_subset, lite.steps) == (
             "timm:tf_efficientnet_lite2", 224, None, None, None)
         assert 3 <= lite.epochs and lite.cell_timeout_s < sizes.budgets_s["realweights"]
+
+
+def test_the_suite_step_slices_every_cifar_full_model_at_its_smallest_and_largest_side(tmp_path):
+    from bench.suite import load_suite, parse_suite
+    from bench.validate import resolve_cells
+
+    full = {c.model for c in resolve_cells(load_suite(ROOT / "suites" / "cifar_full.yaml"))}
+    large, small = gpu_check.slice_cells(gpu_check.GPU)
+    raw = [gpu_check.steps_suite.suite_of(f"s{i}", cells, gpu_check.GPU, "synthetic") for i, cells in
+           enumerate((large, small))]
+    cells = [c for r in raw for c in resolve_cells(parse_suite(r, source=r["name"]))]
+    assert {c.model for c in cells} == full and len(cells) == 21  # 8 models x 2 sides, ViT and Inception, 3 twins
+    assert {c.resolution for c in cells if c.model == "tv:resnet50"} == {32, 224}
+    assert {(c.model, c.resolution) for c in cells if c.model in ("tv:vit_b_16", "tv:inception_v3")} == {
+        ("tv:vit_b_16", 224), ("tv:inception_v3", 299)}
+    assert all(c.cudnn_benchmark is None and c.epochs == 1 and not c.pretrained for c in cells
+               if c.cuda_graphs == "auto" and c.model not in gpu_check.steps_suite.WARMUP_MODELS)
+    twins = [(c.model, c.resolution, c.cudnn_benchmark, c.cuda_graphs) for c in cells if c.cudnn_benchmark or
+             c.cuda_graphs == "off"]
+    assert sorted(twins) == [("tv:efficientnet_b0", 224, True, "auto"), ("tv:resnet50", 32, None, "off"),
+                             ("tv:resnet50", 224, True, "auto")]
+
+
+def _row(model, resolution, suite="large", **values):
+    asked = {k: values.pop(k) for k in ("cudnn_benchmark", "cuda_graphs") if k in values and values[k] in (None, "off")}
+    return {"model": model, "resolution": resolution, "batch_size": 128, "precision": "bf16", "status": "ok",
+            "cell_json": json.dumps({"cudnn_benchmark": asked.get("cudnn_benchmark", values.get("cudnn_benchmark")),
+                                     "cuda_graphs": asked.get("cuda_graphs", "auto")}),
+            "test_images": 10000, "train_s": 8.0, "eval_s": 1.0, "wall_s": 10.0, "concurrent_cells": 1, **values}
+
+
+def test_the_suite_steps_goals_read_the_gpu_figures():
+    large = [_row("tv:resnet50", 224, cudnn_benchmark=None, warmup_s=2.5, images_per_s=4000.0),
+             _row("tv:resnet50", 224, cudnn_benchmark=True, warmup_s=10.5, images_per_s=5000.0),
+             _row("tv:efficientnet_b0", 224, cudnn_benchmark=None, warmup_s=4.0, images_per_s=5000.0),
+             _row("tv:resnet50", 32, cuda_graphs="off", images_per_s=4900.0, top1=0.40)]
+    small = [_row("tv:resnet50", 32, cuda_graphs="on", images_per_s=16000.0, top1=0.41)]
+    packed = [_row("tv:resnet50", 32, concurrent_cells=4)]
+    found = {"cells": 204, "setup_s": 5.0, "total_s": 7200.0 + 3600.0, "by_resolution_s": {"32": 3600.0, "224": 7200.0}}
+    figures = gpu_check.suite_figures({"large": large, "small": small, "packed": packed},
+                                      {"large": 100.0, "small": 60.0, "packed": 20.0}, found, gpu=True)
+    goals = {g["goal"].split(" (")[0].split(",")[0]: g for g in figures["goals"]}
+    met = {name: g["met"] for name, g in goals.items()}
+    assert met["CUDA graphs: tv:resnet50"] == "yes" and met["CUDA graphs: the same test top-1 as eager"] == "yes"
+    assert met["warm-up of tv:resnet50 at 224 px"] == "yes" and met["warm-up of tv:efficientnet_b0 at 224 px"] == "no"
+    assert figures["packing_speedup"] == 3.0 and figures["packed_most"] == 4
+    assert figures["hours"] == 3.0 and figures["hours_packed"] == pytest.approx((10800 - 3600 * (1 - 1 / 3)) / 3600)
+    assert met["cifar_full on this GPU"] == "no" and figures["useful_share"] == pytest.approx(1 - 204 * 5 / 10800)
+    [forced] = [w for w in figures["warmup"] if w["cudnn_benchmark"] == "true"]
+    step_off, step_on = 128 / 4000, 128 / 5000  # autotuning's 8 s more warm-up, repaid by 6.4 ms a step
+    assert forced["repaid_after_steps"] == pytest.approx(8.0 / (step_off - step_on))
+    rehearsal = gpu_check.suite_figures({"large": large, "small": small, "packed": packed}, {}, found, gpu=False)
+    assert {g["met"] for g in rehearsal["goals"]} == {"n/a"}  # the CPU measures no GPU goal
 
 
 def test_the_real_data_step_skips_visibly_without_the_images(monkeypatch, tmp_path):

@@ -25,14 +25,16 @@ def run(cell: Cell, events: list):
     splits = data.load_splits(cell.dataset, val_fraction=cell.val_fraction, train_subset=cell.train_subset,
                               test_subset=cell.test_subset)
     torch.manual_seed(cell.seed)
-    return train.run_cell(cell, splits, models.build(cell, len(splits.classes)), CPU, len(splits.classes), events.append)
+    classes = len(splits.classes)
+    return train.run_cell(cell, splits, models.build(cell, classes), CPU, classes, events.append)
 
 
 # ---------------------------------------------------------------- the settings and the row
 
 
 def test_the_settings_take_auto_and_yaml_booleans_and_ids_stay():
-    assert Cell(model="m", cuda_graphs=True).cuda_graphs == "on" and Cell(model="m", cuda_graphs=False).cuda_graphs == "off"
+    assert Cell(model="m", cuda_graphs=True).cuda_graphs == "on"  # YAML 1.1 reads a bare on as true
+    assert Cell(model="m", cuda_graphs=False).cuda_graphs == "off"
     assert Cell(model="m", cudnn_benchmark="auto").cudnn_benchmark is None  # auto, held so the column stays a bool
     assert Cell(model="m", cudnn_benchmark=False).cudnn_benchmark is False
     assert Cell(model="m").id == Cell(model="m", cuda_graphs="auto", cudnn_benchmark=True).id  # the defaults
@@ -122,8 +124,8 @@ class FakeGraphs:
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
     # no bias before the norm: its gradient is zero up to rounding, which Adam would blow up to a full step
-    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 10))
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 10))
 
 
 def batches(n: int, size: int = 8):
@@ -175,7 +177,8 @@ def test_reset_zeroes_the_sums_the_graph_adds_into():
 def test_a_failed_capture_or_a_new_shape_turns_the_cell_eager_in_one_line():
     stand_in = FakeGraphs(fail=True)
     eager, graphed, said = both("sgd", 6, stand_in)
-    assert stand_in.captures == 1 and len(said) == 1 and "capture failed (RuntimeError: operation not permitted" in said[0]
+    assert stand_in.captures == 1 and len(said) == 1
+    assert "capture failed (RuntimeError: operation not permitted" in said[0]
     assert graphed.cuda_graphs == "off" and graphed.read() == pytest.approx(eager.read(), rel=1e-5)
     stand_in = FakeGraphs()
     data = batches(5) + batches(2, size=4)  # a smaller batch after the capture

@@ -49,8 +49,8 @@ class Packing:
                              "auto; fix it or unset it")
         packing = cls(text if text == "auto" else int(text), exclusive)
         if exclusive and packing.per_device != 1:
-            raise BenchError("--exclusive runs one cell at a time on the whole machine and --cells-per-gpu packs several "
-                             "on a device; pass one of them")
+            raise BenchError("--exclusive runs one cell at a time on the whole machine and --cells-per-gpu packs "
+                             "several on a device; pass one of them")
         return packing
 
     @property

