@@ -80,7 +80,8 @@ class CudaGraph:
     def capture(self, step: Callable[[], None]) -> Callable[[], None]:
         """Record `step` (it does not run) and return what replays it."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a streaming loader's pin-memory thread may allocate pinned memory while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
         return graph.replay
 

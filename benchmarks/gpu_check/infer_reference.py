@@ -29,7 +29,8 @@ def reference(row: dict, device) -> dict:
     cell = Cell.model_validate_json(row["cell_json"]).model_copy(update={"infer_budget_s": REFERENCE_BUDGET_S})
     torch.manual_seed(cell.seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cell.cudnn_benchmark  # as the cell ran (bench/train/__init__.py)
+        # as the cell ran (bench/train/warmup.py); auto (None) as on: the step's cells leave it at its default, true
+        torch.backends.cudnn.benchmark = cell.cudnn_benchmark is not False
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     model = models.build(cell, int(row["num_classes"])).model.to(device)
     if cell.channels_last:
