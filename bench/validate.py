@@ -256,7 +256,7 @@ def _row_work(row, gpu: bool) -> tuple[float, float]:
 def _cell_work(cell: Cell, target: Target) -> tuple[float, float] | None:
     from bench.train import uses_feature_cache
 
-    sizes = _dataset_sizes(cell.dataset)
+    sizes = _dataset_sizes(cell.dataset, cell.label_column)
     if sizes is None:
         return None
     train, own_val, test, classes = sizes
@@ -285,11 +285,13 @@ def _flops(model: str, resolution: int, classes: int, weights: str | None) -> fl
     return float(models.flops_per_image(model, resolution, classes, weights=weights))
 
 
-def _dataset_sizes(dataset: str) -> tuple[int, int | None, int, int] | None:
+def _dataset_sizes(dataset: str, label_column: str | None = None) -> tuple[int, int | None, int, int] | None:
     """(train, own validation split or None, test, classes), without loading the images."""
-    from bench import data
+    from bench import data, hfdata
 
     kind, arg = data.parse_name(dataset)
+    if kind == "hf":
+        return hfdata.sizes(arg, label_column=label_column)
     if kind in DATASET_SIZES:
         return DATASET_SIZES[kind]
     if kind == "synthetic":

@@ -304,3 +304,14 @@ def test_a_suite_that_names_the_label_column_runs_on_a_dataset_with_two(tmp_path
     (row,) = done.rows
     assert row["status"] == "ok", row["error"]
     assert row["num_classes"] == 2 and list(row["class_names"]) == ["cool", "warm"]
+
+
+def test_validate_estimates_an_hf_dataset_from_its_own_sizes(tmp_path):
+    from bench import validate
+
+    folder = _saved(tmp_path / "saved")
+    cell = parse_suite({"name": "est", "dataset": f"hf:{folder}", "grid": {"model": ["tv:resnet18"]},
+                        "defaults": {"resolution": 16, "pretrained": False}})
+    estimate = validate.estimate(expand(cell), results=tmp_path / "none", target=validate.target_device("cpu"))
+    assert estimate.cells[0].seconds is not None and estimate.cells[0].seconds > 0
+    assert validate._dataset_sizes(f"hf:{folder}") == (36, 9, 12, 3)  # not counted as an image folder
