@@ -447,27 +447,136 @@ def test_degenerate_grid_skips_with_notes(tmp_path):
 # ---------------------------------------------------------------- the HTML in a real browser
 
 
-def test_html_renders_in_headless_chromium(report, tmp_path):
+def chromium(page: Path, tmp_path: Path, height: int = 2000) -> tuple[Path, str]:
+    """The page rendered in headless Chromium: a screenshot 1400 px wide, and the DOM after its scripts ran."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("chromium not installed (apt-get install -y chromium); the HTML was not rendered in a browser")
-    outcome = report[0]
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2000"]
-    url = outcome.html.resolve().as_uri()
+             f"--user-data-dir={tmp_path / 'profile'}", f"--window-size=1400,{height}"]
+    url = page.resolve().as_uri()
     shot = tmp_path / "page.png"
     subprocess.run([browser, *flags, f"--screenshot={shot}", url], check=True, capture_output=True, timeout=90)
     dom = subprocess.run([browser, *flags, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=90).stdout
+    return shot, dom
 
+
+def colours(shot: Path) -> int:
+    """How many colours the screenshot has: a blank or unstyled page has a handful."""
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        return len(image.convert("RGB").getcolors(maxcolors=1 << 20) or [])
+
+
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    outcome = report[0]
+    shot, dom = chromium(outcome.html, tmp_path)
     from PIL import Image
 
     with Image.open(shot) as image:
         assert image.size == (1400, 2000)
-        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50  # text, tables and colour, not blank
+    assert colours(shot) > 50  # text, tables and colour, not blank
     assert dom.count("<table") >= 8 and 'id="leaderboard"' in dom
     images = re.findall(r'<img [^>]*src="(data:image/png;base64,[^"]{1000,})"', dom)
     assert len(images) == len(outcome.pngs)
+
+
+# ---------------------------------------------------------------- failed cells beside a sweep (issue 25)
+
+SWEPT = ("resnet18", "convnext_tiny")
+LR_GAIN = {0.01: 0.0, 0.1: 0.02}  # the larger rate is better by 2 pts, on validation and test
+SWEEP_FAILED = {("convnext_tiny", 0.1, 1): "oom", ("resnet18", 0.01, 0): "error"}
+
+
+@pytest.fixture(scope="module")
+def failed_sweep(tmp_path_factory) -> tuple[ReportOutcome, str, Path]:
+    """An lr sweep where some cells failed: the ok rows hold the precision and cudnn_benchmark their run resolved
+    (fp32, False), the failed rows the cells' own (auto, True), as a real CPU or older-GPU run writes them."""
+    root = tmp_path_factory.mktemp("failed_sweep") / "results"
+    store = ResultStore(root)
+    for i, (model, lr, seed) in enumerate(itertools.product(SWEPT, LR_GAIN, (0, 1))):
+        cell = Cell(suite="sweep", dataset="cifar10", model=model, resolution=64, batch_size=32, lr=lr, seed=seed)
+        row = make_row(cell, "run-1", T0 + dt.timedelta(minutes=i), precision="fp32", cudnn_benchmark=False)
+        row["top1"] += LR_GAIN[lr]
+        row["val_top1_best"] += LR_GAIN[lr]
+        failed = SWEEP_FAILED.get((model, lr, seed))
+        if failed:  # the cell's own settings: nothing ran far enough to resolve them
+            row = make_row(cell, "run-1", T0 + dt.timedelta(minutes=i), status=failed, error=OOM if failed == "oom"
+                           else "RuntimeError: loss is NaN", top1=None, top5=None, val_top1_best=None, train_s=None,
+                           confusion_matrix=None)
+            assert (row["precision"], row["cudnn_benchmark"]) == ("auto", True)
+        store.write(row, epochs_of(row))
+    outcome = build_report(root, tmp_path_factory.mktemp("failed_sweep_out"))
+    return outcome, outcome.markdown.read_text(), root
+
+
+def test_unresolved_values_of_failed_rows_do_not_make_a_setting_vary(failed_sweep):
+    outcome, markdown, _ = failed_sweep
+    for name in ("precision", "cudnn_benchmark"):  # in no label, table or legend
+        assert name not in markdown, name
+    failed = md_table_after(markdown, "## Failed cells")
+    assert sorted(r["status"] for r in failed) == ["error", "oom"]
+    assert {r["config"] for r in failed} == {"resnet18 r64 bs32 freeze=none lr=0.01", "convnext_tiny r64 bs32 freeze=none lr=0.1"}
+    # The sweep folds: one leaderboard row per model, at the rate validation chose.
+    board = md_table_after(markdown, "## Leaderboard")
+    assert [r["tuned (chosen by val)"] for r in board] == ["lr 0.1 (best of 2)"] * 2
+
+
+def test_the_axis_plot_keeps_its_title_and_labels_inside_the_png(failed_sweep):
+    """One panel (lr) under a title longer than the figure is wide: the title wraps inside the figure, and the
+    PNG holds everything drawn (its title and its y label were cut off at the left edge)."""
+    import matplotlib as mpl
+    from matplotlib.text import Text
+
+    from bench.report import along
+    from bench.report.build import load
+    from bench.report.plotkit import PNG_DPI, RC, png
+
+    data = load(failed_sweep[2]).data
+    with mpl.rc_context(RC):
+        fig = along.accuracy_by_axis(data)
+        image = png(fig)
+        renderer = fig.canvas.get_renderer()
+        (title,) = [t for t in fig.findobj(Text) if t.get_text().startswith("Accuracy along")]
+        extent = title.get_window_extent(renderer)
+        drawn = fig.get_tightbbox(renderer)  # inches
+    assert 0 <= extent.x0 and extent.x1 <= fig.bbox.width
+    width, height = int.from_bytes(image[16:20], "big"), int.from_bytes(image[20:24], "big")  # the IHDR
+    assert width >= drawn.width * PNG_DPI - 1 and height >= drawn.height * PNG_DPI - 1
+
+
+def test_varying_compares_resolved_fields_like_with_like():
+    import pandas as pd
+
+    from bench.report.tables import varying
+
+    rows = pd.DataFrame({"status": ["ok", "ok", "oom", "dropped"], "precision": ["bf16", "bf16", "auto", "bf16"],
+                         "cudnn_benchmark": [False, False, True, False], "lr": [0.01, 0.01, None, 0.01],
+                         "optimizer": ["sgd", "sgd", "adamw", "sgd"]})
+    assert varying(rows, ["precision", "cudnn_benchmark", "lr", "optimizer"]) == ["optimizer"]  # not resolved: as is
+    # A value the suite wrote out is a setting, failed or not; among finished rows, a resolved field still varies.
+    assert varying(rows.assign(lr=[0.01, 0.01, 0.1, 0.01]), ["lr"]) == ["lr"]
+    assert varying(rows.assign(precision=["bf16", "fp32", "auto", "bf16"]), ["precision"]) == ["precision"]
+    # Nothing finished: every value is as written, compared as such.
+    assert varying(rows.assign(status="error", precision=["auto", "fp16", "auto", "auto"]), ["precision"]) == ["precision"]
+
+
+def test_a_report_with_failed_cells_and_a_sweep_renders_in_chromium(failed_sweep, tmp_path):
+    outcome, _, _ = failed_sweep
+    shot, dom = chromium(outcome.html, tmp_path, height=3000)
+    shutil.copy(shot, outcome.html.parent / "chromium.png")  # kept beside the report, to look at
+    assert colours(shot) > 50
+    for key in ("recommend", "leaderboard", "sweep", "failed", "plots", "cells"):
+        assert f'<section id="{key}">' in dom, key
+    sweep = dom.split('<section id="sweep">')[1].split("</section>")[0]
+    assert sweep.count("<tr") == 1 + 2 * len(LR_GAIN)  # the header, and every rate tried for both models
+    failed = dom.split('<section id="failed">')[1].split("</section>")[0]
+    assert "loss is NaN" in failed and html.escape(EVIL, quote=False) in failed and "<script>alert" not in dom
+    images = re.findall(r'<img [^>]*src="(data:image/png;base64,[^"]{1000,})"', dom)
+    assert len(images) == len(outcome.pngs) > 0
+    assert "precision" not in dom and "cudnn_benchmark" not in dom
 
 
 @pytest.mark.parametrize("scenario", ["all failed", "throughput only"])

@@ -7,7 +7,6 @@ drawn at its test accuracy, ±1 std over seeds; the titles say so.
 from __future__ import annotations
 
 import math
-import textwrap
 
 import numpy as np
 import pandas as pd
@@ -16,7 +15,8 @@ from matplotlib.figure import Figure
 
 from bench.report import tables
 from bench.report.context import ReportData
-from bench.report.plotkit import CHOSEN_TEST, figure, hue_order, legend_outside, log_x, seed_rows, spread
+from bench.report.plotkit import (CHOSEN_TEST, figure, hue_order, legend_outside, log_x, seed_rows, spread,
+                                  suptitle)
 
 # Axes with a plot of their own; `accuracy_by_axis` draws the rest.
 OWN_PLOT = ("resolution", "freeze", "train_subset")
@@ -140,5 +140,5 @@ def accuracy_by_axis(data: ReportData) -> Figure | str:
         legend |= {name: handle for handle, name in zip(*ax.get_legend_handles_labels()) if name not in legend}
     fig.legend(list(legend.values()), list(legend), loc="outside right center", frameon=False, title="model")
     title = "Accuracy along the other axes that vary (per point: the config validation chose; test, ±1 std over seeds)"
-    fig.suptitle("\n".join(textwrap.wrap(title, int(14 * fig.get_figwidth()))), fontsize=11)
+    suptitle(fig, title)
     return fig

@@ -7,6 +7,7 @@ no GUI backend, nothing that depends on (or changes) the caller's matplotlib bac
 from __future__ import annotations
 
 import io
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -35,9 +36,21 @@ def figure(width: float, height: float, ncols: int = 1, nrows: int = 1) -> tuple
 
 
 def png(fig: Figure) -> bytes:
+    # bbox "tight": the canvas grows to hold every label, so a long title or a legend outside is never cut off
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=PNG_DPI, facecolor="white")
+    fig.savefig(buf, format="png", dpi=PNG_DPI, facecolor="white", bbox_inches="tight", pad_inches=0.15)
     return buf.getvalue()
+
+
+def suptitle(fig: Figure, text: str, fontsize: float = 11) -> None:
+    """A figure title wrapped to the figure's width, as drawn (a guess from the number of characters overflows)."""
+    renderer = fig.canvas.get_renderer()
+    width = len(text)
+    while True:
+        title = fig.suptitle("\n".join(textwrap.wrap(text, width)), fontsize=fontsize)
+        if title.get_window_extent(renderer).width <= 0.95 * fig.bbox.width or width <= 20:
+            return
+        width = int(width * 0.9)
 
 
 def legend_outside(ax, title: str | None = None) -> None:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bench.suite import CELL_FIELDS, TUNED_FIELDS
+from bench import status
+from bench.result import PARTS
+from bench.suite import CELL_FIELDS, TUNED_FIELDS, Cell
 
 # Always shown: the axes a transfer-learning grid is usually built from.
 KEY_CONFIG = ["model", "resolution", "batch_size", "freeze"]
@@ -35,9 +37,41 @@ GROUP = ["suite", "group_id"]
 TUNED = TUNED_FIELDS
 
 
+# Config fields a run resolves (`precision: auto` becomes bf16, `lr: null` the default rate): a finished row holds
+# the value used, a failed one mostly the cell's own, whose `auto`, True or null is no setting of its own.
+RESOLVED = frozenset().union(*(part.RESOLVES for part in PARTS.values()))
+FINISHED = (status.OK, status.DROPPED)  # statuses whose rows hold the resolved values (a race's dropped ones do)
+_DEFAULTS = {c: Cell.model_fields[c].default for c in RESOLVED if c in Cell.model_fields}
+
+
 def varying(rows: pd.DataFrame, columns: list[str]) -> list[str]:
-    """The columns that take more than one value (nulls count as a value) in `rows`."""
-    return [c for c in columns if c in rows and rows[c].astype(str).nunique(dropna=False) > 1]
+    """The columns that take more than one value (nulls count as a value) in `rows`, a resolved field's compared
+    like with like (`compared`)."""
+    return [c for c in columns if c in rows and compared(rows, c).astype(str).nunique(dropna=False) > 1]
+
+
+def compared(rows: pd.DataFrame, column: str) -> pd.Series:
+    """The values of `column` that say which setting a row ran with. For a field the run resolves, a failed row's
+    placeholder (`auto`, null, or the cell's default, such as cudnn_benchmark True) is left out while some row
+    finished: it is the setting as written, not the one used. A value the suite wrote out (lr 0.1) still counts."""
+    values = rows[column]
+    if column not in RESOLVED or "status" not in rows:
+        return values
+    finished = rows["status"].isin(FINISHED)
+    if not finished.any():  # every value as written: like with like
+        return values
+    placeholder = values.map(lambda v: _placeholder(column, v)).astype(bool)
+    return values[finished | ~placeholder]
+
+
+def _placeholder(column: str, value: object) -> bool:
+    if isinstance(value, np.generic):  # a numpy bool or number, as pandas hands them out
+        value = value.item()
+    if _missing(value):
+        return True
+    if not isinstance(value, (str, bool, int, float)):  # a list (an input recipe): written out, not a placeholder
+        return False
+    return value == "auto" or (type(value) is type(_DEFAULTS.get(column)) and value == _DEFAULTS[column])
 
 
 def config_columns(rows: pd.DataFrame) -> list[str]:
