@@ -173,6 +173,22 @@ def test_the_section_comes_first_and_says_the_config_in_words(results, tmp_path,
     assert "resnet50 at 224 px" in markdown and "McNemar" in markdown and "within one standard deviation" in markdown
 
 
+def test_one_config_that_answers_every_question_is_one_line(results, tmp_path, monkeypatch):
+    """Within 0 pt of A only A remains: it is the best, the cheapest, the fastest and the smallest, said once."""
+    root, groups = results
+    monkeypatch.setattr(report_plots, "PLOTS", {})
+    markdown = build_report(root, tmp_path / "out", budget=Budget(within_pts=0)).markdown.read_text()
+    section = markdown[markdown.index("## Which should I pick?"):markdown.index("## Leaderboard")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| question", "| ---"))]
+    assert len(rows) == 1 and groups["A"] in rows[0]
+    assert rows[0].startswith("| all 4: best accuracy; cheapest to train, fastest to serve, smallest (within 0 pt) |")
+    assert ("It is also the cheapest to train, fastest to serve and smallest within 0 pt: one config answers all 4 "
+            "questions.") in section
+    # Several configs answering: a row per question, as before.
+    section = build_report(root, tmp_path / "out1").markdown.read_text().split("## Leaderboard")[0]
+    assert "one config answers" not in section and section.count("| smallest (within 1 pt) |") == 1
+
+
 @pytest.mark.parametrize("text, expected", [
     ("8GiB", 8 * GIB), ("512MiB", 512 * 2**20), ("8GB", 8 * 10**9), ("1.5 GiB", int(1.5 * GIB)), ("8gib", 8 * GIB),
     ("100kB", 100_000),
@@ -214,6 +230,55 @@ def test_csv_round_trips_the_leaderboard(results, tmp_path):
     assert list(back["vs_best"].fillna("")) == list(board["vs_best"])
     assert back.loc[0, "recommended"] == "best"
     assert set(back.loc[back["config_id"] == groups["C"], "recommended"]) == {"cheapest, fastest"}
+
+
+def memory_rows(root: Path) -> dict[str, str]:
+    """Two configs: one with every memory figure, one from before PSS and the per-process VRAM were recorded."""
+    store, groups = ResultStore(root), {}
+    figures = {"resnet18": dict(peak_host_pss_bytes=2 * GIB, peak_host_rss_bytes=5 * GIB,
+                                peak_vram_process_bytes=int(8.6 * GIB), peak_vram_train_bytes=7 * GIB),
+               "resnet50": dict(peak_host_rss_bytes=3 * GIB, peak_vram_train_bytes=5 * GIB)}
+    for i, (model, memory) in enumerate(figures.items()):
+        cell = Cell(suite="mem", dataset="cifar10", model=model)
+        groups[model] = cell.group_id
+        store.write({**cell.model_dump(), "freeze": "none", "run_id": "r1", "cell_id": cell.id,
+                     "group_id": cell.group_id, "status": "ok", "top1": 0.8 + i / 100, "val_top1_best": 0.8 + i / 100,
+                     "train_s": 100.0, "device": "cuda:0", "gpu_name": "NVIDIA H100 80GB HBM3", "started_at": T0,
+                     "finished_at": T0, **memory}, [])
+    return groups
+
+
+def test_the_export_has_the_memory_figures_the_report_shows(tmp_path):
+    """Host RAM as PSS (RSS only for an older row, flagged), VRAM on the card (the allocator's peak for an older
+    row, flagged): the leaderboard's figures, not the raw RSS column."""
+    from bench.report.export import leaderboard_frame
+
+    groups = memory_rows(tmp_path / "results")
+    frame = leaderboard_frame(load(tmp_path / "results").data).set_index("config_id")
+    assert "peak_host_rss_bytes" not in frame
+    new, old = frame.loc[groups["resnet18"]], frame.loc[groups["resnet50"]]
+    assert (new["peak_host_bytes"], bool(new["host_rss_fallback"])) == (2 * GIB, False)
+    assert (old["peak_host_bytes"], bool(old["host_rss_fallback"])) == (3 * GIB, True)
+    assert (new["vram_card_bytes"], bool(new["vram_allocator_fallback"])) == (int(8.6 * GIB), False)
+    assert (old["vram_card_bytes"], bool(old["vram_allocator_fallback"])) == (5 * GIB, True)
+
+
+def test_the_vram_front_is_drawn_on_the_vram_the_budget_judges(tmp_path):
+    """The VRAM plot's points are VRAM on the card, as --max-vram judges it, not the allocator's training peak."""
+    import matplotlib as mpl
+
+    from bench.report import fronts
+    from bench.report.plotkit import RC
+
+    memory_rows(tmp_path / "results")
+    data = load(tmp_path / "results", budget=Budget(max_vram_bytes=8 * GIB)).data
+    with mpl.rc_context(RC):
+        fig = fronts.accuracy_vs_vram(data)
+    ax = fig.axes[0]
+    assert {round(float(x), 3) for c in ax.collections for x, _ in c.get_offsets()} == {8.6, 5.0}  # GiB
+    (budget,) = [line for line in ax.lines if line.get_label() == "your budget"]
+    assert budget.get_xdata()[0] == 8.0
+    assert "VRAM on the card" in ax.get_xlabel() and "1 config(s) recorded before it" in ax.get_xlabel()
 
 
 def mcnemar_holm(best: str, names: list[str]) -> dict[str, float]:

@@ -155,7 +155,7 @@ def test_the_shapes_say_what_they_lack(tmp_path):
     cpu_only(tmp_path / "c")
     markdown = build_report(tmp_path / "c", tmp_path / "c-out").markdown.read_text()
     assert "CPU-h" in markdown and "GPU-h" not in markdown
-    assert "skipped: fewer than two configs with both validation accuracy and a training VRAM peak" in markdown
+    assert "skipped: fewer than two configs with both validation accuracy and a VRAM figure (CPU runs record none)" in markdown
 
 
 def test_a_plot_that_raises_is_one_line_and_the_rest_is_written(tmp_path, monkeypatch):

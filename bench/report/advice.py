@@ -86,7 +86,7 @@ def _ratio(best: pd.Series, row: pd.Series, column: str) -> float | None:
 
 
 def _question(key: str, advice: Advice) -> str:
-    title = next(q.title for q in QUESTIONS if q.key == key)
+    title = _title(key)
     return title if key == "best" else f"{title} (within {advice.budget.within_pts:g} pt)"
 
 
@@ -101,8 +101,9 @@ def recommend(data: ReportData) -> Section:
     if advice.best is None:
         return _nothing_meets(section, data)
     best = advice.best
+    alone = _one_answer(advice)  # one config answers every question: one row, not the same row four times
     columns = [
-        ("question", lambda r: _question(r["question"], advice), False),
+        ("question", lambda r: alone or _question(r["question"], advice), False),
         ("pick", lambda r: describe(r, data.extra), False),
         (VAL, lambda r: fmt.pct(r["val_mean"], r["val_std"]), True),
         (TEST, lambda r: fmt.pct(r["top1_mean"], r["top1_std"]), True),
@@ -111,12 +112,35 @@ def recommend(data: ReportData) -> Section:
     ]
     within = f"Within your budget ({_limits_text(advice)}), pick" if advice.budget.limits() else "Pick"
     section.add("lead", f"{within} {_named(data, best)}: the best validation top-1, {fmt.pct(best['val_mean'])}%; "
-                        f"test {fmt.pct(best['top1_mean'])}%." + _lead_ties(advice))
-    section.add("table", fmt.table("", advice.picks, columns, css=lambda r: "near" if r["question"] == "best" else ""))
+                        f"test {fmt.pct(best['top1_mean'])}%." + _lead_alone(advice, alone) + _lead_ties(advice))
+    picks = advice.picks.iloc[:1] if alone else advice.picks
+    section.add("table", fmt.table("", picks, columns, css=lambda r: "near" if r["question"] == "best" else ""))
     for line in filter(None, [race.pick_note(data), _ties_note(data), *_unanswered(advice), _budget_note(data),
                               _datasets(data), _rules(advice)]):
         section.add("note", line)
     return section
+
+
+def _one_answer(advice: Advice) -> str:
+    """'all 4: best accuracy; cheapest to train, ...' when every answered question picks one config, else ""."""
+    picks = advice.picks
+    if len(picks) < 2 or picks["group_id"].nunique() > 1:
+        return ""
+    others = [_title(key) for key in picks["question"] if key != "best"]
+    return (f"all {len(picks)}: best accuracy; {', '.join(others)} (within {advice.budget.within_pts:g} pt)")
+
+
+def _lead_alone(advice: Advice, alone: str) -> str:
+    if not alone:
+        return ""
+    others = [_title(key) for key in advice.picks["question"] if key != "best"]
+    named = others[0] if len(others) == 1 else f"{', '.join(others[:-1])} and {others[-1]}"
+    return (f" It is also the {named} within {advice.budget.within_pts:g} pt: one config answers all "
+            f"{len(advice.picks)} questions.")
+
+
+def _title(key: str) -> str:
+    return next(q.title for q in QUESTIONS if q.key == key)
 
 
 def _lead_ties(advice: Advice) -> str:

@@ -27,7 +27,10 @@ METRICS = [
     "tried", "n", "n_failed", "val_mean", "val_std", "top1_mean", "top1_std", "top5_mean", "vs_best", "p_holm",
     "train_s_mean", "train_s_std", "train_hours", "train_device", "images_per_s_mean",
     "infer_latency_ms_p50", "infer_latency_ms_p95", "infer_images_per_s", "infer_peak_vram_bytes", "model_bytes",
-    "peak_vram_allocated_bytes", "peak_vram_train_bytes", "data_device_bytes", "peak_host_rss_bytes",
+    # Memory as the report gives it (`tables.MEMORY_AGGS`): VRAM on the card (what --max-vram judges) and host RAM
+    # as PSS, each with the flag that says a config's figure came from the older column (allocator peak, RSS).
+    "vram_card_bytes", "vram_allocator_fallback", "peak_vram_allocated_bytes", "peak_vram_train_bytes",
+    "data_device_bytes", "peak_host_bytes", "host_rss_fallback",
     "trainable_params", "total_params", "flops_per_image", "train_images", "group_id", "cell_ids", "label",
 ]
 FORMATS = ("table", "csv", "json")

@@ -205,7 +205,7 @@ class PlotSpec:
 PLOTS: dict[str, PlotSpec] = {
     "accuracy_vs_train_time": PlotSpec("Accuracy vs train time and device-hours, Pareto front", fronts.accuracy_vs_time),
     "accuracy_vs_latency": PlotSpec("Accuracy vs inference latency, Pareto front", fronts.accuracy_vs_latency),
-    "accuracy_vs_vram": PlotSpec("Accuracy vs training VRAM, Pareto front", fronts.accuracy_vs_vram),
+    "accuracy_vs_vram": PlotSpec("Accuracy vs VRAM on the card, Pareto front", fronts.accuracy_vs_vram),
     "accuracy_vs_train_subset": PlotSpec("Accuracy vs training-set size", along.accuracy_vs_train_subset),
     "accuracy_vs_resolution": PlotSpec("Accuracy vs resolution", along.accuracy_vs_resolution),
     "freeze_depth": PlotSpec("Effect of freeze depth", along.freeze_effect),
