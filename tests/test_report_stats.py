@@ -143,3 +143,30 @@ def test_one_seed_and_no_history_is_the_threshold_alone_and_says_so(tmp_path, no
     assert rule.startswith("s: 1 config compared: 1 against run r1 (1 earlier run; a history needs 5)")
     assert "1 of them ran one seed on each side and has no history, so the threshold alone judged it" in rule
     assert "How the configs were judged: " + rule in outcome.markdown.read_text()
+
+
+def test_the_comparison_says_which_rule_judged_its_rows(tmp_path, no_plots):
+    """resnet18 has six earlier runs (its history judges it); vgg16 joined the suite the night before (the
+    previous run judges it): the title and the notes name both rules, and the table which one judged each row."""
+    store = ResultStore(tmp_path / "results")
+    for day in range(6):
+        write(store, "resnet18", run=f"r{day}", day=day, top1=0.90 + 0.001 * (day % 2), ips=1000.0)
+    write(store, "vgg16", run="r5", day=5, top1=0.85, ips=1000.0)
+    for model in ("resnet18", "vgg16"):
+        write(store, model, run="r6", day=6, top1=0.90 if model == "resnet18" else 0.85, ips=1000.0)
+    markdown = build_report(tmp_path / "results", tmp_path / "out", run="r6").markdown.read_text()
+    section = markdown[markdown.index("## Comparison"):].split("\n## ")[0]
+    assert section.startswith("## Comparison with each config's history (6 earlier runs) or the previous run\n")
+    assert "1 config(s) judged against their own history" in section and "one-sided t-test" in section
+    assert "1 config(s) compared with s: run r5, config by config" in section
+    rows = {line.split(" | ")[0].strip("| ").split()[0]: line.split(" | ")[2] for line in section.splitlines()
+            if line.startswith(("| resnet18", "| vgg16"))}
+    assert rows == {"resnet18": "history: 6 runs (r0 … r5)", "vgg16": "run r5"}
+    # Every config with its history: the title says so, and nothing of the one-run rule is left.
+    store = ResultStore(tmp_path / "deep")
+    for day in range(7):
+        write(store, "resnet18", run=f"r{day}", day=day, top1=0.90 + 0.001 * (day % 2), ips=1000.0)
+    markdown = build_report(tmp_path / "deep", tmp_path / "out-deep", run="r6").markdown.read_text()
+    section = markdown[markdown.index("## Comparison"):].split("\n## ")[0]
+    assert section.startswith("## Comparison with each config's history (6 earlier runs)\n")
+    assert "compared with" not in section and "threshold alone" not in section

@@ -73,9 +73,6 @@ def build_report(results: Path, out: Path, *, run: str | None = None, suite: str
     warnings = warnings + data.comparison_notes  # images/s not compared across GPUs or library versions
     regressions = regression_lines(data.comparison)
     sections = [s for key, make in SECTIONS.items() if (s := _section(key, make, data)) is not None]
-    for section in sections:  # which rule judged the comparison's rows (history, or one run), under its table
-        if section.key == "comparison" and data.comparison_rules and not data.comparison.empty:
-            section.add("note", "How the configs were judged: " + ". ".join(data.comparison_rules) + ".")
     failures = [item.note for s in sections for kind, item in s.blocks if kind == "plot" and item.failed]
     failures += [item for s in sections for kind, item in s.blocks if kind == "failure"]
     markdown, html, pngs = render(out, _header(data, results, machine), sections, regressions, warnings, loaded.problems)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from bench import status
 from bench.report import advice, fmt, race, stats, tables
+from bench.report.comparison import comparison
 from bench.report.context import ReportData
 from bench.report.fmt import Section
 from bench.report.plots import make_plots
@@ -267,47 +268,6 @@ def speed(data: ReportData) -> Section:
 
 def _rate_std(mean: object, std: object) -> str:
     return fmt.rate(mean) if pd.isna(std) else f"{fmt.rate(mean)} ± {fmt.rate(std)}"
-
-
-def comparison(data: ReportData) -> Section:
-    section = Section("comparison", "Comparison with the previous run")
-    if not data.baseline_runs:
-        return section.add("note", "No earlier run of these suites shares cells with the shown rows; nothing to compare.")
-    against = ", ".join(f"{s}: run {r}" for s, r in data.baseline_runs.items())
-    if data.comparison.empty:
-        return section.add("note", f"Compared with {against}: no cell has rows in both.")
-    table = data.comparison
-    flagged = int((table["regression"] != "").sum())
-    columns = [
-        ("config", lambda r: fmt.text(r["label"]), False), ("seeds", lambda r: fmt.text(r["seeds"]), True),
-        ("top1 % before", lambda r: fmt.pct(r["top1_before"], r["top1_before_std"]), True),
-        ("top1 % now", lambda r: fmt.pct(r["top1_after"], r["top1_after_std"]), True),
-        ("Δ top1 (pts)", lambda r: fmt.delta_pts(r["top1_delta"]), True),
-        ("allowed drop (pts)", lambda r: _allowed(r["top1_allowed"], r["top1_delta"], 2, r["threshold_only"]), True),
-        ("images/s before", lambda r: fmt.rate(r["ips_before"]), True),
-        ("images/s now", lambda r: fmt.rate(r["ips_after"]), True),
-        ("Δ images/s", lambda r: fmt.delta_rel(r["ips_rel"]), True),
-        ("allowed drop (%)", lambda r: _allowed(r["ips_allowed"], r["ips_rel"], 1, r["threshold_only"]), True),
-        ("status", lambda r: r["status"], False),
-        ("regression", lambda r: r["regression"] or "", False), ("config id", lambda r: fmt.text(r["group_id"]), False),
-    ]
-    single = int(table["threshold_only"].sum())
-    long = len(table) > 25  # the regressions are repeated at the top; fold the rest in the HTML
-    note = (f"Compared with {against}, config by config: seeds folded into mean ± std, over the cells both runs "
-            f"have. A drop counts as a regression only beyond both the threshold (top1 {100 * data.top1_drop:.2f} pts, "
-            f"images/s {100 * data.speed_drop:.0f}%) and {stats.NOISE_K:g} standard errors of the difference of the "
-            "means (the seeds' pooled spread; 'allowed drop' is the larger of the two); a seed that is no longer ok "
-            f"always counts. {flagged} of {len(table)} configs regressed."
-            + (f" {single} config(s) ran one seed on each side: nothing measures their noise, so the threshold "
-               "alone applies to them (marked *)." if single else ""))
-    return section.add("table", fmt.table("", table, columns, note, details=long,
-                                          css=lambda r: "bad" if r["regression"] else ""))
-
-
-def _allowed(value: object, delta: object, digits: int, threshold_only: bool) -> str:
-    if pd.isna(delta):
-        return fmt.DASH
-    return f"{100 * float(value):.{digits}f}" + (" *" if threshold_only else "")
 
 
 _AGG_NOTE = {"chosen": "test top-1 of the config with the best validation mean over the other settings "
