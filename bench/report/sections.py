@@ -131,8 +131,8 @@ def tuned_text(row: pd.Series, tuned: list[str]) -> str:
 
 SELECTION_NOTE = (
     "One row per config, seeds folded into mean ± std (n seeds). Chosen on validation, reported on test: the "
-    "order is the validation top-1 (mean over seeds of the best validation epoch, the weights the test score was "
-    "measured on; ties go to the shorter train time); test top-1 is shown beside it and never decides anything. "
+    "order is the validation top-1 (mean over seeds, of the weights the test score was measured on: the best "
+    "validation epoch's with restore_best, the last epoch's without; ties go to the shorter train time); test top-1 is shown beside it and never decides anything. "
     "Times are means over seeds, memory the largest peak of any seed."
 )
 
