@@ -70,6 +70,7 @@ def test_a_task_that_dies_becomes_a_killed_row_and_a_lost_result_no_row(tmp_path
 
     monkeypatch.setattr(ray_executor, "run_on_node", die)
     monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray_executor, "check_nodes", lambda ray: None)  # its probe's get is not a cell's
     summary = run_suite(suite, cells, RunOptions(results=tmp_path, ray="local"))
     assert [r["status"] for r in summary.rows] == ["killed"]
     assert "Ray task ended without a result" in summary.rows[0]["error"] and "died" in summary.rows[0]["error"]
@@ -171,6 +172,7 @@ def test_ray_failing_under_the_driver_is_one_line_and_lost_results_are_no_rows(m
     lost = ray.exceptions.ObjectLostError("ab12", None, "")
     fake = FakeRay({cells[0].id: lost, cells[1].id: ok, cells[2].id: ok, cells[3].id: ok}, broken=3)
     monkeypatch.setattr(ray_executor, "_ray", lambda: fake)
+    monkeypatch.setattr(ray_executor, "check_nodes", lambda ray: None)  # tests/test_ray_cluster.py: real nodes
     outcomes = ray_executor.RayExecutor("fake").run(jobs, lambda event: None)
     assert next(outcomes) == (cells[1], ok)  # the first cell's result was lost: no row, the run goes on
     with pytest.raises(BenchError, match=r"^Ray failed, not a cell \(RaySystemError: System error: the raylet died"):

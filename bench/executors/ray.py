@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 
+import bench
 from bench import cellproc, measure, status
 from bench.cellproc import Job, Outcome, Report
 from bench.errors import BenchError
 from bench.suite import Cell
+
+PROBE_S = 120.0  # how long the driver waits for every node to say which bench it has (a busy node's workers start)
 
 
 class RayExecutor:
@@ -42,6 +46,7 @@ class RayExecutor:
         and its cell process dies with it)."""
         ray = _ray()
         with _system_failures(ray):
+            check_nodes(ray)
             device, resources = _placement(ray)
         task = ray.remote(max_retries=0, **resources)(run_on_node)  # a retry would be a silent second run
         # The driver fetched what could be fetched: a node never downloads.
@@ -106,7 +111,40 @@ def run_on_node(job: Job, device: str) -> Outcome:
     if device.startswith("cuda") and visible.isdigit():  # the physical GPU Ray gave this task
         known = outcome.parts["provenance"].gpu_count
         cellproc.correct_provenance(outcome, device=f"cuda:{visible}", gpu_count=measure.nvml_gpu_count() or known)
+    # The Ray node, not only the machine: several nodes may share one host (and its hostname).
+    node = _ray().get_runtime_context().get_node_id()
+    host = outcome.parts["provenance"].hostname or socket.gethostname()
+    cellproc.correct_provenance(outcome, hostname=f"{host} (ray node {node[:8]})")
+    outcome.log = f"Ray node {node} on {host}\n" + (outcome.log or "")
     return outcome
+
+
+def check_nodes(ray) -> None:
+    """Every live node imports bench in the driver's version, asked before any cell runs: one error line naming
+    the nodes that differ, not a failed row per cell."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def version() -> str:  # nested, so Ray sends it by value: it must run where bench is missing too
+        import importlib
+
+        try:
+            return importlib.import_module("bench").__version__
+        except ImportError as exc:
+            return f"no bench ({exc})"
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(version)
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+    asked = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(): node_id
+             for node_id in nodes}
+    ready, late = ray.wait(list(asked), num_returns=len(asked), timeout=PROBE_S)
+    found = {asked[ref]: _answer(ray, ref) for ref in ready}
+    found.update({asked[ref]: f"no answer in {PROBE_S:g} s" for ref in late})
+    wrong = {node_id: said for node_id, said in found.items() if said != bench.__version__}
+    if wrong:
+        named = "; ".join(f"node {node_id[:8]} ({nodes[node_id]['NodeManagerAddress']}): {said}"
+                          for node_id, said in sorted(wrong.items()))
+        raise BenchError(f"{len(wrong)} of the cluster's {len(nodes)} nodes cannot run bench {bench.__version__} "
+                         f"(the driver's): {named}; install the driver's bench on every node")
 
 
 @contextmanager
@@ -122,12 +160,31 @@ def session(address: str) -> Iterator[None]:
         ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False)
     except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BenchError(f"--ray {address}: cannot connect to a Ray cluster ({first}); start one with `ray start "
-                         f"--head`, pass its address (auto, ray://HOST:10001), or use --ray local") from None
+        raise BenchError(f"--ray {address}: cannot connect to a Ray cluster ({first}); {_connect_hint(exc)}") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _answer(ray, ref) -> str:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:  # the node cannot run even the probe (another Python, another Ray)
+        return f"the probe failed ({_said(exc)})"
+
+
+def _connect_hint(exc: BaseException) -> str:
+    """What to do: a cluster that asks for a token (`ray start` turns token authentication on by default) needs
+    the driver to read it, which it does only with RAY_AUTH_MODE=token."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any("AuthenticationError" in type(e).__name__ or "InvalidAuthToken" in str(e) for e in chain):
+        return ("the cluster asks for an authentication token: set RAY_AUTH_MODE=token where bench runs (the token "
+                "is read from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)")
+    return "start one with `ray start --head`, pass its address (auto, ray://HOST:10001), or use --ray local"
 
 
 def _placement(ray) -> tuple[str, dict]:
