@@ -61,7 +61,7 @@ def test_inference_starts_from_the_weights_alone(monkeypatch):
                      "grads": sum(p.grad is not None for p in params)})
         reset(device)
 
-    monkeypatch.setattr(bench.train, "Stepper", Recorded)
+    monkeypatch.setattr(bench.train.graphs, "Stepper", Recorded)  # what run_cell builds (make_stepper)
     monkeypatch.setattr(measure, "reset_vram", watched)
     gc.disable()  # the scheduler-optimizer cycle must be freed on purpose, not by a collection that happens to run
     try:
@@ -150,7 +150,7 @@ def test_throughput_without_warmup_does_not_time_the_optimizers_construction(mon
             time.sleep(5.0)  # an optimizer that takes long to build is setup, not training
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(bench.train, "Stepper", Slow)
+    monkeypatch.setattr(bench.train.graphs, "Stepper", Slow)  # what run_cell builds (make_stepper)
     cell = Cell(**{**TINY, "mode": "throughput", "throughput_warmup_steps": 0, "throughput_steps": 3})
     parts = _work(cell)
     training = parts["training"]
