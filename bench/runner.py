@@ -215,7 +215,7 @@ def _dropped(cell: Cell, meta: dict | None, why: str, device: str) -> Outcome:
     outcome.parts["training"] = Training(
         epochs_run=loop.get("epochs_done"), steps_run=loop.get("step"), train_s=loop.get("train_s"),
         eval_s=loop.get("eval_s"), segments=(meta or {}).get("segments"), precision=used.get("precision"),
-        lr=used.get("lr"))
+        lr=used.get("lr"), cuda_graphs=used.get("cuda_graphs"))
     if used.get("cudnn_benchmark") is not None:  # as the worker resolved it, as a finished row says
         outcome.parts["provenance"] = dataclasses.replace(outcome.parts["provenance"],
                                                           cudnn_benchmark=used["cudnn_benchmark"])

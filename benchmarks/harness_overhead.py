@@ -100,7 +100,9 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     rows = []
     for cfg in configs(device, args.quick, args.config):
+        # cuda_graphs off: the bare loop it is compared with runs eager steps, so the harness must too
         cell = Cell(dataset="synthetic", pretrained=False, mode="throughput", throughput_warmup_steps=warmup,
+                    cuda_graphs="off",
                     throughput_steps=steps, train_subset=cfg["batch_size"] * (warmup + steps), **cfg)
         splits = data.load_splits("synthetic", train_subset=cell.train_subset, test_subset=64)
         pairs = [measure_pair(cell, splits, device, warmup, steps, bare_first=i % 2 == 1) for i in range(repeats)]

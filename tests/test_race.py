@@ -83,8 +83,8 @@ def test_survivors_rows_equal_the_full_grids_and_dropped_ones_carry_the_rung(gri
         assert row["race_rung"] == 0 and row["epochs_run"] == 1 and math.isclose(row["val_top1_final"], first)
         assert "dropped by the race at rung 1 (1 epochs)" in row["error"]
         # the settings the run resolved, as a finished row records them (not the cell's auto / null)
-        assert (row["precision"], row["cudnn_benchmark"]) == (survivors["precision"].iloc[0],
-                                                               survivors["cudnn_benchmark"].iloc[0])
+        assert (row["precision"], row["cudnn_benchmark"], row["cuda_graphs"]) == (
+            survivors["precision"].iloc[0], survivors["cudnn_benchmark"].iloc[0], survivors["cuda_graphs"].iloc[0])
         assert row["lr"] == full.loc[cell_id, "lr"]
         # the cut was honest: every dropped config scored below every survivor at the rung
         assert all(first < full_epochs[(full_epochs["cell_id"] == s) & (full_epochs["epoch"] == 0)]["val_top1"].item()

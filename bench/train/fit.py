@@ -77,8 +77,6 @@ def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
     run.progress({"kind": "start", "total_steps": plan.total_steps})
     keeper = BestWeights(stepper.module) if cell.restore_best and loaders.val is not None else None
     saved = ckpt.resume(stepper, loaders.train, keeper) if ckpt is not None else None
-    if ckpt is not None:  # what a row made from the saved state alone (a race's dropped cell) reports as used
-        ckpt.resolved = {"precision": plan.precision, "lr": plan.lr, "cudnn_benchmark": torch.backends.cudnn.benchmark}
     loop = _Loop(**saved) if saved else _Loop()
     if saved:
         run.progress({"kind": "step", "step": loop.step})
@@ -88,6 +86,9 @@ def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
                 return _paused(run, loop)
             epoch_s = _epoch(run, stepper, loaders, forward, loop, keeper)
             if ckpt is not None and ckpt.wants(loop.epochs_done - 1, epoch_s):
+                # what a row made from the saved state alone (a race's dropped cell) reports as used
+                ckpt.resolved = {"precision": plan.precision, "lr": plan.lr, "cuda_graphs": stepper.cuda_graphs,
+                                 "cudnn_benchmark": torch.backends.cudnn.benchmark}
                 ckpt.save(dataclasses.asdict(loop), stepper, loaders.train, keeper)
                 clock.lap()  # saving is neither training nor evaluation
         clock.lap()
