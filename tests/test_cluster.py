@@ -89,6 +89,21 @@ def test_a_bad_address_is_one_clear_error_before_anything_is_written(tmp_path, a
     assert not (tmp_path / "r").exists()
 
 
+def test_a_cluster_asking_for_a_token_gets_the_hint_and_others_the_usual_one():
+    from bench.executors.ray import _connect_hint
+
+    try:
+        try:
+            raise ray.exceptions.AuthenticationError("RPC error: InvalidAuthToken: Authentication token is missing")
+        except ray.exceptions.AuthenticationError as inner:
+            raise RuntimeError("Failed to connect to GCS") from inner
+    except RuntimeError as middle:
+        chained = ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6399")
+        chained.__cause__ = middle
+    assert "set RAY_AUTH_MODE=token" in _connect_hint(chained)
+    assert _connect_hint(ConnectionError("no GCS")).startswith("start one with `ray start --head`")
+
+
 @pytest.mark.parametrize("exc, expected", [
     (ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory."), "oom"),
     (ray.exceptions.TaskUnschedulableError("no node has the resources the task asks for"), "error"),
