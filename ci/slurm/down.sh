@@ -14,7 +14,9 @@ for name in slurmd slurmctld slurmdbd mariadb munged; do
   for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
   kill -9 "$pid" 2>/dev/null
 done
-# a cgroup slurmd left behind (task/cgroup) would hold nothing now; remove the empty tree
-[ -d /sys/fs/cgroup/memory/slurm ] && find /sys/fs/cgroup/*/slurm -depth -type d -exec rmdir {} + 2>/dev/null
+# the cgroups slurmd made (task/cgroup: slurm_NODE under each controller) hold nothing now; remove the empty trees
+for tree in /sys/fs/cgroup/*/slurm_*; do
+  [ -d "$tree" ] && find "$tree" -depth -type d -exec rmdir {} + 2>/dev/null
+done
 rm -rf "$STATE"
 echo "slurm-down: stopped"
