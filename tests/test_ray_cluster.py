@@ -59,7 +59,8 @@ class Cluster:
                               capture_output=True, text=True, timeout=kwargs.pop("timeout", 240), **kwargs)
 
     def start_node(self, name: str, env: dict | None = None) -> None:
-        where = ["--head", f"--port={PORT}", "--include-dashboard=false"] if name == "head" else [f"--address={ADDRESS}"]
+        head = ["--head", f"--port={PORT}", "--include-dashboard=false"]
+        where = head if name == "head" else [f"--address={ADDRESS}"]
         done = self.inside([RAY, "start", *where, "--num-cpus=1", f"--resources={json.dumps({f'bench_{name}': 1})}",
                             f"--temp-dir={self.root / name}", "--disable-usage-stats"], env=env)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -79,7 +80,8 @@ class Cluster:
         out = []
         for entry in Path("/proc").iterdir():
             try:
-                if entry.name.isdigit() and int(entry.name) != self.holder.pid and os.readlink(entry / "ns/net") == ours:
+                mine = entry.name.isdigit() and int(entry.name) != self.holder.pid
+                if mine and os.readlink(entry / "ns/net") == ours:
                     out.append(int(entry.name))
             except (FileNotFoundError, PermissionError, ProcessLookupError):
                 continue

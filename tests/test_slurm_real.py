@@ -118,7 +118,8 @@ def test_a_gpu_asked_of_a_partition_without_gpus_is_one_error_line(slurm, tmp_pa
 
 def test_an_unknown_partition_is_one_error_line_that_lists_the_cluster_s(slurm, tmp_path):
     suite = suite_of("nopart", TINY, [0])
-    with pytest.raises(BenchError, match=r"--slurm gpu-a100: the cluster has no such partition; its partitions are debug"):
+    with pytest.raises(BenchError, match=r"--slurm gpu-a100: the cluster has no such partition; its partitions "
+                                         r"are debug"):
         run_suite(suite, expand(suite), RunOptions(results=tmp_path / "r", slurm="gpu-a100"))
     assert not (tmp_path / "r").exists()
 
@@ -180,9 +181,10 @@ def test_a_requeued_job_resumes_from_its_last_saved_epoch_in_the_same_run(slurm,
     assert [r["status"] for r in rows] == ["ok"], rows[0]["error"]
     assert rows[0]["resumed_from_epoch"] >= 1 and rows[0]["segments"] == 2
     assert rows[0]["resumed_from_epoch"] >= acted["epochs"]
-    info = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", acted["job"]], env=slurm,
-                          capture_output=True, text=True).stdout.split()
-    assert f"{acted['job']}|COMPLETED" in info  # one job, run twice: the row is its second run's
+    deadline = time.monotonic() + 60  # the result is back before the job has quite ended
+    while sacct_state(acted["job"], slurm) != "COMPLETED" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert sacct_state(acted["job"], slurm) == "COMPLETED"  # one job, run twice: the row is its second run's
 
 
 def start_when_pending(acted: dict, env: dict) -> None:

@@ -83,8 +83,9 @@ cgroups_usable() {  # whether slurmd can make cgroup v1 memory groups here
 write_config() {  # $1: cgroup or plain
   local cpus mem_mb
   cpus=$(nproc)
-  mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
-  sed -e "s|@MEM_PER_CPU@|$((mem_mb / cpus))|g" -e "s|@STATE@|$STATE|g" -e "s|@NODE@|$NODE|g" -e "s|@CPUS@|$cpus|g" -e "s|@MEM_MB@|$mem_mb|g" \
+  mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 9 / 10240 ))
+  sed -e "s|@MEM_PER_CPU@|$((mem_mb / cpus))|g" -e "s|@STATE@|$STATE|g" -e "s|@NODE@|$NODE|g" \
+      -e "s|@CPUS@|$cpus|g" -e "s|@MEM_MB@|$mem_mb|g" \
       -e "s|@PORT@|$PORT|g" -e "s|@PORT1@|$((PORT + 1))|g" -e "s|@PORT2@|$((PORT + 2))|g" \
       "$HERE/slurm.conf.in" >"$STATE/slurm.conf"
   if [ "$1" = cgroup ]; then
