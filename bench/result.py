@@ -252,6 +252,7 @@ class Provenance(Part):
     cudnn_benchmark: bool | None = None
     cpu_model: str | None = None
     hostname: str | None = None
+    scheduler_job_id: str | None = None  # the SLURM job that ran the cell (sacct -j ID); empty elsewhere
     bench_version: str | None = None
     git_commit: str | None = None
 

@@ -119,7 +119,7 @@ def test_a_job_s_row_names_its_node_and_physical_gpu_and_its_log_the_job(monkeyp
     handlers = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2))
     outcome = slurm.run_on_node(Job(expand(parse_suite(TINY_SUITE))[0]), "cuda:0")
     machine = outcome.parts["provenance"]
-    assert (machine.device, machine.hostname) == ("cuda:3", "n1")
+    assert (machine.device, machine.hostname, machine.scheduler_job_id) == ("cuda:3", "n1", "4242")
     assert outcome.log == "SLURM job 4242 on node n1, GPU 3\ntrained\n"
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)) == handlers  # put back
 

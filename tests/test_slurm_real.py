@@ -96,7 +96,8 @@ def test_a_suite_runs_as_sbatch_jobs_and_a_job_past_its_time_limit_is_a_timeout_
         assert 0 <= row["top1"] <= 1 and row["hostname"] == node and row["device"] == "cpu"
         assert row["start_method"] == "subprocess"
     ids = job_ids(tmp_path / "results" / "slurm" / "logs")
-    assert sorted(ids) == sorted(c.id for c in cells)  # every row's log names its job
+    assert sorted(ids) == sorted(c.id for c in cells)  # every row's log names its job, and the row holds it
+    assert all(rows[c.id]["scheduler_job_id"] == ids[c.id] for c in cells)
     assert [sacct_state(ids[c.id], slurm) for c in cells] == ["COMPLETED", "COMPLETED", "TIMEOUT"]
     assert ids[cells[2].id] in rows[cells[2].id]["error"]
     # A CPU-only partition: said once, and no job asked for a GPU (sbatch refuses any gres there).

@@ -138,7 +138,8 @@ class SlurmExecutor:
             state = submitted.state
             outcome = cellproc.without_process("cpu", status.lost(state),
                                                f"the SLURM job {submitted.job_id} ended without a result ({state})")
-            cellproc.correct_provenance(outcome, device=self.device, hostname=None, gpu_name=None)  # not the driver's
+            cellproc.correct_provenance(outcome, device=self.device, hostname=None, gpu_name=None,  # not the driver's
+                                        scheduler_job_id=str(submitted.job_id))
             outcome.log = f"SLURM job {submitted.job_id}: {state}\n{exc}"
             return outcome
         if outcome.status == status.KILLED and not self.local:
@@ -202,6 +203,8 @@ def _on_node(outcome: Outcome, device: str) -> None:
     job_id, node = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURMD_NODENAME")
     gpus = os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS") or ""
     known = {"hostname": node} if node else {}
+    if job_id:
+        known["scheduler_job_id"] = job_id
     if device.startswith("cuda") and gpus.isdigit():
         known["device"] = f"cuda:{gpus}"
     cellproc.correct_provenance(outcome, **known)
