@@ -18,10 +18,8 @@ reported in one line and the cell starts over.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,16 +76,16 @@ class Checkpoint:
         if keeper is not None and keeper.epoch is not None:
             best = f"best-{keeper.epoch}.pt"
             if not (folder / best).is_file():
-                _atomic(folder / best, lambda f: _copy_into(keeper.file, f))
+                weightstate.atomic_write(folder / best, lambda f: _copy_into(keeper.file, f))
         payload = {"format": FORMAT, "epochs_done": loop["epochs_done"],
                    "weights": weightstate.pack(weightstate.changing_state(stepper.module, copy=False)),
                    "optimizer": stepper.opt.state_dict(), "schedule": stepper.sched.state_dict(),
                    "scaler": stepper.scaler.state_dict(), "rng": _rng_state(), "loader": train_loader.state_dict()}
-        _atomic(folder / STATE, lambda f: torch.save(payload, f))
+        weightstate.atomic_write(folder / STATE, lambda f: torch.save(payload, f))
         meta = {"format": FORMAT, "bench_version": bench.__version__, "cell_id": self.cell.id,
                 "cell": self.cell.canonical(RUNNER_FIELDS), "epochs_done": loop["epochs_done"], "loop": loop, "best_file": best,
                 "segments": self.segments, "wall_s": self.prior_wall_s + _process_age_s(), "resolved": self.resolved}
-        _atomic(folder / META, lambda f: f.write(json.dumps(meta, default=float).encode()))
+        weightstate.atomic_write(folder / META, lambda f: f.write(json.dumps(meta, default=float).encode()))
         for old in folder.glob("best-*.pt"):  # only the one meta.json names is still needed
             if old.name != best:
                 old.unlink(missing_ok=True)
@@ -173,16 +171,3 @@ def _copy_into(source: Path, out) -> None:
 def _process_age_s() -> float:
     """Wall time since this process began (a forked worker's fork, a fresh one's start)."""
     return max(0.0, time.time() - psutil.Process().create_time())
-
-
-def _atomic(target: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -84,16 +84,21 @@ def unpack(payload: object, where: str = "the checkpoint") -> State:
 def save(path: Path, state: Mapping[str, torch.Tensor], *, sync: bool = True) -> None:
     """Write the state to `path` atomically (a temporary file beside it, then os.replace): a reader finds the old
     file or the new one, never half of one. `sync=False` skips the fsync, for a file that dies with the process."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    atomic_write(Path(path), lambda out: torch.save(pack(state), out), sync=sync)
+
+
+def atomic_write(target: Path, write, *, sync: bool = True) -> None:
+    """Call `write(binary file)` on a temporary file beside `target`, then rename it into place; on any failure
+    the temporary goes and `target` is as it was. `sync` fsyncs before the rename (a file meant to outlive a crash)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(handle, "wb") as out:
-            torch.save(pack(state), out)
+            write(out)
             if sync:
                 out.flush()
                 os.fsync(out.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
