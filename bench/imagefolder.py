@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.atomic import atomic_write
 from bench.errors import BadImageError, DatasetUnavailableError
 from bench.splits import FileList, ImageArrays, Raw
 
@@ -203,15 +204,7 @@ def load_manifest(path: Path) -> Manifest | None:
 
 
 def save_manifest(path: Path, manifest: Manifest) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest.__dict__)))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and a rename, so a reader never sees half a cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda out: out.write(json.dumps(manifest.__dict__).encode()), sync=False)
 
 
 def typical_short_side(sources: Sequence[str | bytes], where: str, first: str | None = None) -> int:
@@ -370,6 +363,6 @@ def store_resident(splits: dict[str, SplitImages], side: int, caches: dict[str, 
         images = decoded[k][0]
         keep = np.asarray([name not in manifest.bad for name in split.names], dtype=bool)
         images = images if keep.all() else images[keep]
-        _atomic_write(caches[k], lambda tmp, a=images: np.save(tmp, a))
+        atomic_write(caches[k], lambda out, a=images: np.save(out, a), sync=False)  # a cache: rebuilt if lost
         arrays[k] = ImageArrays(images, split.labels[keep])
     return arrays

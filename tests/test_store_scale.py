@@ -57,7 +57,7 @@ def test_compaction_keeps_every_row_in_one_file_per_run(history):
     assert out.exit_code == 0 and "compacted 4 runs (26 files folded)" in out.output
     assert files(history, "*.parquet") == [f"a/{kind}/run{n}.run.parquet" for kind in ("cells", "epochs") for n in range(3)] + [
         "b/cells/runb.run.parquet", "b/epochs/runb.run.parquet"]
-    assert not list(history.root.rglob(".tmp-*"))
+    assert not list(history.root.rglob(".*.tmp"))
     after = history.read()
     pd.testing.assert_frame_equal(before.cells, after.cells)
     pd.testing.assert_frame_equal(before.epochs, after.epochs)

@@ -29,6 +29,7 @@ import psutil
 import torch
 
 import bench
+from bench.atomic import atomic_write
 from bench.errors import BenchError
 from bench.suite import RUNNER_FIELDS, Cell
 from bench.train import weightstate
@@ -76,16 +77,16 @@ class Checkpoint:
         if keeper is not None and keeper.epoch is not None:
             best = f"best-{keeper.epoch}.pt"
             if not (folder / best).is_file():
-                weightstate.atomic_write(folder / best, lambda f: _copy_into(keeper.file, f))
+                atomic_write(folder / best, lambda f: _copy_into(keeper.file, f))
         payload = {"format": FORMAT, "epochs_done": loop["epochs_done"],
                    "weights": weightstate.pack(weightstate.changing_state(stepper.module, copy=False)),
                    "optimizer": stepper.opt.state_dict(), "schedule": stepper.sched.state_dict(),
                    "scaler": stepper.scaler.state_dict(), "rng": _rng_state(), "loader": train_loader.state_dict()}
-        weightstate.atomic_write(folder / STATE, lambda f: torch.save(payload, f))
+        atomic_write(folder / STATE, lambda f: torch.save(payload, f))
         meta = {"format": FORMAT, "bench_version": bench.__version__, "cell_id": self.cell.id,
                 "cell": self.cell.canonical(RUNNER_FIELDS), "epochs_done": loop["epochs_done"], "loop": loop, "best_file": best,
                 "segments": self.segments, "wall_s": self.prior_wall_s + _process_age_s(), "resolved": self.resolved}
-        weightstate.atomic_write(folder / META, lambda f: f.write(json.dumps(meta, default=float).encode()))
+        atomic_write(folder / META, lambda f: f.write(json.dumps(meta, default=float).encode()))
         for old in folder.glob("best-*.pt"):  # only the one meta.json names is still needed
             if old.name != best:
                 old.unlink(missing_ok=True)

@@ -10,9 +10,7 @@ A state here is such an OrderedDict: `module.load_state_dict` takes it as it is.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.atomic import atomic_write
 from bench.errors import BenchError
 
 FORMAT = 1  # of the file `save` writes: {"format", "tensors", "metadata"}
@@ -85,23 +84,6 @@ def save(path: Path, state: Mapping[str, torch.Tensor], *, sync: bool = True) ->
     """Write the state to `path` atomically (a temporary file beside it, then os.replace): a reader finds the old
     file or the new one, never half of one. `sync=False` skips the fsync, for a file that dies with the process."""
     atomic_write(Path(path), lambda out: torch.save(pack(state), out), sync=sync)
-
-
-def atomic_write(target: Path, write, *, sync: bool = True) -> None:
-    """Call `write(binary file)` on a temporary file beside `target`, then rename it into place; on any failure
-    the temporary goes and `target` is as it was. `sync` fsyncs before the rename (a file meant to outlive a crash)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-            if sync:
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def load(path: Path) -> State:
