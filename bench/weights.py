@@ -100,7 +100,7 @@ def downloading(name: str, weights: str) -> Iterator[None]:
         yield
     except OSError as exc:  # URLError, DNS failures, refused connections, socket timeouts, a download cut midway
         raise _unavailable(name, weights, exc) from None
-    except Exception as exc:
+    except Exception:
         problem = cache_problem(name, weights)
         if problem is None:  # the cache is sound: the failure is the library's or the model's, shown as it is
             raise

@@ -17,7 +17,6 @@ import base64
 import datetime as dt
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys

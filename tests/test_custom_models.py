@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pandas as pd
 import pytest
 import torch
 import torchvision

@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from bench import cellproc
 from bench import validate as est
 from bench.cli import main
-from bench.errors import BenchError
 from bench.executors import local
 from bench.executors.local import Packing, Slots
 from bench.result import Process

@@ -24,7 +24,7 @@ from bench.report import along, fronts, perclass, race
 from bench.report.context import ReportData
 from bench.report.plotkit import PNG_DPI, RC, figure, hue_order, legend_outside, png
 
-__all__ = ["OPTIONAL_PLOTS", "PLOTS", "PNG_DPI", "Plot", "PlotSpec", "focus", "make_plots"]
+__all__ = ["OPTIONAL_PLOTS", "PLOTS", "PNG_DPI", "Plot", "PlotSpec", "make_plots"]
 MAX_CURVES = 8  # more lines than this in one panel stop being readable
 
 
