@@ -18,6 +18,7 @@ grid's own epoch times (equal footing however loaded the machine was), and other
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -128,7 +129,11 @@ def summary(args, grid, raced, walls, spec: RaceSpec) -> str:
     share = hours["race"] / hours["grid"]
     equal, survivors = same_rows(grid.cells, raced.cells)
     said = f"worse by {found['gap_pts']:.2f} pts" if found["verdict"] == "worse" else found["verdict"]
-    met = found["verdict"] != "worse" and share <= GOAL_SHARE
+    # Judged on both figures: the measured share compares two runs on a machine whose load may differ between
+    # them; the replay charges the race the grid's own epoch times (equal footing).
+    replayed = replay.replay(grid.cells, grid.epochs, spec)
+    replayed_share = replayed.race_hours / replayed.grid_hours
+    met = found["verdict"] != "worse" and max(share, replayed_share) <= GOAL_SHARE
     dropped = raced.cells[raced.cells["status"] == "dropped"]
     lines = [
         f"{args.grid} grid: {len(raced.cells) // args.seeds} configs x {args.seeds} seeds, "
@@ -145,11 +150,11 @@ def summary(args, grid, raced, walls, spec: RaceSpec) -> str:
         f"device-hours: race {hours['race']:.4f} of grid {hours['grid']:.4f} ({100 * share:.1f}%); "
         f"wall: {walls['race']:.0f} s of {walls['grid']:.0f} s ({100 * walls['race'] / walls['grid']:.1f}%)",
         f"survivors' rows equal to the grid's: {equal} of {survivors}",
-        f"goal (same or within noise, at most {100 * GOAL_SHARE:.0f}% of the device-hours): "
+        f"device-hours on equal footing (the replay, the grid's own epoch times): {100 * replayed_share:.1f}%",
+        f"goal (same or within noise, at most {100 * GOAL_SHARE:.0f}% of the device-hours, measured and replayed): "
         f"{'met' if met else 'NOT met'}",
         "", "replay of the grid (bench race replay, from its epoch rows):", "", "```",
     ]
-    replayed = replay.replay(grid.cells, grid.epochs, spec)
     lines += [replayed.table(), replayed.summary()]
     lines += ["```", "", table(other_rules(grid), ["rule", "pick", "verdict", "device_h", "of_grid_h", "share_%"])]
     return "\n".join(lines)
@@ -176,6 +181,7 @@ def main() -> None:
     parser.add_argument("--freezes", type=lambda t: [_freeze(f) for f in t.split(",")],
                         help="comma-separated freeze depths (none, all, a fraction, a count); default: the grid's")
     parser.add_argument("--out", type=Path, help="also write the summary (Markdown) here")
+    parser.add_argument("--keep", type=Path, help="keep both results folders here (grid/, race/) to look at later")
     args = parser.parse_args()
     archive = ASSETS / "cifar10-jpg.tar.gz"
     if not archive.is_file():
@@ -189,6 +195,9 @@ def main() -> None:
                  "race": timed_run(suite_for(folder, grid, args, weights, spec), root / "race", root / "data")}
         grid_rows, raced = ResultStore(root / "grid").read(), ResultStore(root / "race").read()
         text = summary(args, grid_rows, raced, walls, spec)
+        if args.keep:
+            for name in ("grid", "race"):
+                shutil.copytree(root / name, args.keep / name, dirs_exist_ok=True)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
