@@ -7,8 +7,10 @@ best tuned config's mean over seeds. Each cell's LR schedule spans its full `epo
 survivor's row is the row a full grid would have given it.
 
 The rule never drops what it cannot tell apart: a racer within the noise of the cut-line (the k-th best score)
-survives. With two seeds or more the noise is NOISE_K standard errors of the difference of the two means;
-with one seed nothing measures it and the suite's `margin` (default 1 point) stands in. The risk: a config
+survives. With two seeds or more the noise is NOISE_K standard errors of the difference of the two means, the
+seeds' variance pooled over every racer at the rung (two seeds give each racer one degree of freedom: its own
+spread is luck, and two seeds that happen to agree would get a band of nothing); with one seed nothing measures
+it and the suite's `margin` (default 1 point) stands in. The risk: a config
 that learns slowly and overtakes late is dropped at an early rung (the race's known failure, ASHA's too);
 `bench race replay` measures how often that would have happened on grids already run.
 
@@ -99,19 +101,28 @@ def cut(scores: Sequence[Score], eta: int, margin: float) -> Cut:
     k = max(1, math.ceil(len(ranked) / eta))
     line = ranked[k - 1]
     kept, dropped, band = [s.racer for s in ranked[:k]], [], {}
+    pooled = pooled_variance(ranked)
     for s in ranked[k:]:
-        allowed = _band(s, line, margin)
+        allowed = _band(s, line, margin, pooled)
         band[s.racer] = allowed
         (kept if line.mean - s.mean <= allowed + 1e-12 else dropped).append(s.racer)
     return Cut(kept, dropped, line.mean, band)
 
 
-def _band(s: Score, line: Score, margin: float) -> float:
-    """How far below the line a racer may be and still count as tied: the seeds' noise where both have two
+def pooled_variance(scores: Sequence[Score]) -> float | None:
+    """The seeds' variance pooled over the racers with two seeds or more (each weighted by its degrees of freedom,
+    seeds - 1), as an analysis of variance pools it: one seed-to-seed noise for the rung. None without any."""
+    free = [(s.seeds - 1, s.se ** 2 * s.seeds) for s in scores if s.se is not None and s.seeds >= 2]
+    total = sum(df for df, _ in free)
+    return sum(df * var for df, var in free) / total if total else None
+
+
+def _band(s: Score, line: Score, margin: float, pooled: float | None) -> float:
+    """How far below the line a racer may be and still count as tied: the seeds' pooled noise where both have two
     seeds or more (never less than the margin), the margin otherwise."""
-    if s.se is None or line.se is None:
+    if s.se is None or line.se is None or pooled is None:
         return margin
-    return max(margin, NOISE_K * math.sqrt(s.se ** 2 + line.se ** 2))
+    return max(margin, NOISE_K * math.sqrt(pooled / s.seeds + pooled / line.seeds))
 
 
 def val_at(epochs: Iterable[dict], epoch_count: int) -> float | None:

@@ -52,9 +52,21 @@ def test_the_cut_keeps_the_best_share_and_every_config_tied_with_the_line():
     # With seeds their spread decides: a noisy racer 5 pts below the line is not told apart from it ...
     noisy = [race.Score("a", 0.80, 0.01, 3), race.Score("b", 0.70, 0.02, 3), race.Score("c", 0.65, 0.03, 3)]
     assert race.cut(noisy, eta=3, margin=0.01).kept == ["a"]  # 10 and 15 pts below a: beyond their noise
-    assert race.cut(noisy, eta=2, margin=0.01).kept == ["a", "b", "c"]  # 5 pts < 2 x sqrt(.02^2 + .03^2) = 7.2 pts
+    # 5 pts < 2 x sqrt(2 x 0.0014 / 3) = 6.1 pts, the seeds' variance pooled: (3 x (.01^2 + .02^2 + .03^2)) / 3
+    assert race.cut(noisy, eta=2, margin=0.01).kept == ["a", "b", "c"]
     # ... and one seed's worth of evidence never counts as three: identical seeds have zero spread, the margin holds
     assert race.cut([race.Score("a", 0.8, 0.0, 3), race.Score("b", 0.78, 0.0, 3)], eta=2, margin=0.01).dropped == ["b"]
+
+
+def test_two_seeds_that_happen_to_agree_get_the_rungs_pooled_noise_not_none():
+    """Two seeds give a racer one degree of freedom: c's seeds agreeing (and the line's) is luck, not certainty.
+    Its own spread would allow it the 1-pt margin and drop it 4 pts below the line; the rung's pooled seed noise
+    (b's seeds are 6 pts apart) keeps it, as it keeps b."""
+    scores = [race.Score("a", 0.80, 0.0, 2), race.Score("b", 0.76, 0.03, 2), race.Score("c", 0.76, 0.0, 2)]
+    decided = race.cut(scores, eta=3, margin=0.01)
+    assert decided.kept == ["a", "b", "c"]
+    assert decided.band["b"] == decided.band["c"] == pytest.approx(2 * (2 * 0.0006 / 2) ** 0.5)  # pooled var 0.0006
+    assert race.pooled_variance([race.Score("a", 0.8, None, 1)]) is None  # one seed measures no noise
 
 
 def test_rungs_default_to_powers_of_eta_below_the_epochs():

@@ -283,7 +283,8 @@ def rung_table(r: Race) -> fmt.Table:
     note = ("Each rung: the config's score as the race saw it, the mean over seeds of validation top-1 after that "
             "many epochs at its best tuned values (– where it no longer raced). Final: validation top-1 as the "
             "leaderboard ranks it (the weights tested). At each rung the best 1/eta went on, and so did every config "
-            "within noise of the cut-line (2 standard errors of the difference with two seeds or more, the suite's "
+            "within noise of the cut-line (2 standard errors of the difference with two seeds or more, the seeds' "
+            "variance pooled over the rung's configs; the suite's "
             "margin with one). Device-hours: training and validation time of all the config's cells (seeds and "
             "tuned values summed), where the leaderboard shows train time per seed. Finished configs first, by rank; "
             "then dropped ones, latest rung first, best first.")
