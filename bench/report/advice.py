@@ -158,8 +158,8 @@ def _ties_note(data: ReportData) -> str:
         seeds = "" if best["n"] > 1 else " (one seed: no spread over seeds to judge a tie by)"
         return f"No other config is within noise of the best pick{seeds}."
     parts = []
-    for rule, words in (("McNemar", "not significantly worse on the same test images (McNemar, Holm-corrected; "
-                                    "≈ best in the leaderboard)"),
+    for rule, words in (("McNemar", "not significantly worse on the same test images (paired sign test, McNemar's "
+                                    "with one seed, Holm-corrected; ≈ best in the leaderboard)"),
                         ("one std", "within one standard deviation over seeds on validation (no paired test data)")):
         rows = ties[ties["tie_rule"] == rule]
         if len(rows):

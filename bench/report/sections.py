@@ -149,9 +149,11 @@ def _mcnemar_note(board: pd.DataFrame) -> str:
     if not (board["vs_best"] != "").any():
         return ("vs #1: no pair of configs recorded which test images they got right on the same test set "
                 "(rows from before bench recorded test_correct), so no difference is tested.")
-    return (f"vs #1: McNemar's test of each config against #1 on the same test images (pooled over the seeds "
-            f"both ran; exact binomial up to {stats.EXACT_MAX} discordant images, chi-squared with continuity "
-            f"correction above), two-sided, Holm-corrected over the configs compared, α = {stats.ALPHA}. "
+    return (f"vs #1: a paired test of each config against #1 on the same test images: per image, #1 right minus "
+            f"this config right, averaged over the seeds both ran; the sign test on the images where that is not 0 "
+            f"(McNemar's test when one seed ran; exact binomial up to {stats.EXACT_MAX} such images, chi-squared with "
+            f"continuity correction above), so seeds that agree add no evidence; two-sided, Holm-corrected over the "
+            f"configs compared, α = {stats.ALPHA}. "
             "≈ best: not significantly different from #1, so the ranking between them is noise; worse / better: "
             "significantly so on test (in the HTML, #1 and the configs ≈ best are green). A dash: no paired "
             "data (a different test set, or rows without test_correct).")
