@@ -376,3 +376,16 @@ def test_leaderboard_sorts_by_any_column_in_a_browser(results, tmp_path, monkeyp
     # E 50 s, C 300 s, B 600 s, D 800 s, A 1000 s, F 2000.5 s: seconds and minutes compared by value, not as text.
     ascending = "50.0 s|5.0 min|10.0 min|13.3 min|16.7 min|33.3 min"
     assert title == f"{ascending} / {'|'.join(reversed(ascending.split('|')))}"
+
+
+def test_a_weights_file_is_named_by_its_file_in_words_not_its_folder():
+    """The pick's sentence names a `weights: FILE` config by the file's name (its folder is a temporary or a
+    user's path; the leaderboard's column keeps it whole)."""
+    from bench.report.advice import describe
+
+    row = pd.Series({"model": "timm:tf_efficientnet_lite1", "resolution": 96, "batch_size": 32, "freeze": "none",
+                     "weights": "/tmp/bench-race-k5air67k/lite1.pth"})
+    words = describe(row, ["weights"])
+    assert words.endswith("weights lite1.pth") and "/tmp" not in words
+    row["weights"] = "DEFAULT"  # a torchvision weights name is not a path: said as it is
+    assert describe(row, ["weights"]).endswith("weights DEFAULT")

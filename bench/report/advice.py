@@ -49,6 +49,8 @@ def _field_words(column: str, value: object) -> str:
         return f"{fmt.text(value)} epochs"
     if column == "pretrained" and pd.notna(value):
         return "pretrained" if bool(value) else "from scratch"
+    if column == "weights" and isinstance(value, str) and "/" in value:
+        return f"weights {value.rsplit('/', 1)[-1]}"  # a file's name reads; its folder is in the leaderboard's column
     return f"{column} {fmt.text(value)}"
 
 
