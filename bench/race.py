@@ -23,11 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.atomic import atomic_text
 from bench.store import ResultStore
 from bench.suite import TUNED_FIELDS, Cell, RaceSpec
 
@@ -167,10 +167,7 @@ class RaceLog:
 
     def add(self, decision: dict) -> None:
         self.cuts.append(decision)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({"key": self.key, "cuts": self.cuts}, indent=1))
-        os.replace(tmp, self.path)
+        atomic_text(self.path, json.dumps({"key": self.key, "cuts": self.cuts}, indent=1))  # synced: the cuts decide
 
 
 @dataclass

@@ -28,7 +28,8 @@ _SCAN_CHUNK = 256  # files per dataset scan
 
 
 def parquet_files(folder: Path) -> list[Path]:
-    """Finished files only: a write interrupted by a kill leaves a hidden .tmp- file, never a row."""
+    """Finished files only: a write interrupted by a kill leaves a hidden temporary file (bench/atomic.py), never
+    a row."""
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
 
 

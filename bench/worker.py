@@ -24,6 +24,7 @@ if __name__ == "__main__":  # a fresh process: tie it to the runner first, befor
 
     die_with_parent()
 
+from bench.atomic import atomic_text  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.result import Build, Inference, Part, Peaks, Provenance  # noqa: E402
 from bench.status import OK, PAUSED, classify, message  # noqa: E402, F401 - callers import classify, message from here
@@ -233,9 +234,7 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
         result = {"status": classify(exc), "error": f"{exc.__class__.__name__}: {message(exc)}"[:2000],
                   "parts": _as_json(failure_measurements(spec))}
-    tmp = Path(argv[2] + ".tmp")
-    tmp.write_text(json.dumps(result, default=str))
-    os.replace(tmp, argv[2])
+    atomic_text(Path(argv[2]), json.dumps(result, default=str), sync=False)  # read by the supervisor, once
     return 0
 
 

@@ -8,13 +8,13 @@ and inline text itself (pipes would split a table row, `<` would start raw HTML)
 from __future__ import annotations
 
 import base64
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from bench.atomic import atomic_text
 from bench.report.fmt import Table
 from bench.report.plots import OPTIONAL_PLOTS, PLOTS, PNG_DPI
 from bench.report.sections import Section
@@ -63,9 +63,7 @@ def _environment(autoescape: bool) -> Environment:
 
 def _write_text(path: Path, text: str) -> None:
     """Replace the file whole, so a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: its 0600 mode would stick to the report
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_text(path, text, sync=False)
 
 
 def write_plots(out: Path, sections: list[Section]) -> list[Path]:
