@@ -7,6 +7,8 @@ of the warm-up window), so the loop runs at the model's pace.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -46,12 +48,21 @@ class BestWeights:
     nor host RAM (which the cell's memory columns would otherwise count), restored before the test pass.
 
     Only what training can change is kept (`weightstate.changing_state`), with the state dict's module versions,
-    which MNASNet needs to load it back.
+    which MNASNet needs to load it back. The cell holds a lock on the folder while it lives: a cell killed outright
+    (SIGKILL, a lost node, a preemption) cannot remove its folder, so the next one on the machine removes those
+    nobody holds (a ViT-L's best weights are over a gigabyte; a farm kills cells every night).
     """
+
+    PREFIX = "bench-best-"
 
     def __init__(self, module: nn.Module):
         self.module, self.epoch = module, None
-        self._folder = tempfile.TemporaryDirectory(prefix="bench-best-")
+        sweep_orphans(Path(tempfile.gettempdir()), self.PREFIX)
+        self._folder = tempfile.TemporaryDirectory(prefix=self.PREFIX)
+        folder = Path(self._folder.name)
+        self._lock = open(folder / "lock.new", "wb")  # noqa: SIM115 (held until close)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        os.replace(folder / "lock.new", folder / "lock")  # a sweeper sees `lock` only once it is held
         self.file = Path(self._folder.name) / "best.pt"
 
     def keep(self, epoch: int) -> None:
@@ -67,7 +78,24 @@ class BestWeights:
         weightstate.restore(self.module, weightstate.load(self.file))
 
     def close(self) -> None:
+        self._lock.close()
         self._folder.cleanup()
+
+
+def sweep_orphans(folder: Path, prefix: str) -> list[Path]:
+    """Remove PREFIX* folders whose `lock` file nobody holds (its process ended: the kernel drops a dead process's
+    locks, in whatever pid namespace it ran); returns what went. A folder without a lock (an older bench's) or
+    that cannot be opened (another user's) is left alone."""
+    gone = []
+    for path in folder.glob(f"{prefix}*"):
+        try:
+            with open(path / "lock", "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held (its cell is alive), absent, or not ours
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(path)
+    return gone
 
 
 def fit(run: CellRun, stepper: Stepper, loaders: Loaders, forward) -> Outcome:
