@@ -11,6 +11,7 @@ Pure: the DataFrames `ResultStore.read()` hands over in, a `Replay` out; the CLI
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import pandas as pd
@@ -110,15 +111,19 @@ def replay(cells: pd.DataFrame, epochs: pd.DataFrame, spec: RaceSpec) -> Replay:
     racers = list(grid["_cell"])
     epochs_of = {cell.id: by_cell.get(cid, []) for cell, cid in zip(racers, grid["cell_id"])}
     alive, rungs, trained = {race.racer_key(c) for c in racers}, [], {}
+    resumed = dict.fromkeys(alive, 0)  # racer -> how many times its cells paused at a rung and went on
     configs = len(alive)
     for rung in race.rungs_for(spec, max(c.epochs for c in racers)):
         scores = race.rung_scores([c for c in racers if race.racer_key(c) in alive], epochs_of, rung)
         decided = race.cut(scores, spec.eta, spec.margin)
         for racer in alive - set(decided.kept):
             trained[racer] = rung  # dropped here: its cells trained this many epochs and no more
+        for racer in decided.kept:
+            resumed[racer] += 1
         rungs.append(Rung(rung, len(scores), len(decided.kept), decided.line))
         alive &= set(decided.kept)
-    hours = [_hours(row, by_cell.get(row["cell_id"], []), trained.get(race.racer_key(row["_cell"])))
+    hours = [_hours(row, by_cell.get(row["cell_id"], []), trained.get(key := race.racer_key(row["_cell"])),
+                    resumed.get(key, 0))
              for _, row in grid.iterrows()]
     pick, grid_pick, said = _picks(grid, alive, spec)
     return Replay(suite, run_id, configs, rungs, pick.racer, grid_pick.racer, said, grid_pick.mean - pick.mean,
@@ -144,9 +149,11 @@ def _racers(cells: pd.DataFrame) -> pd.DataFrame:
     return grid
 
 
-def _hours(row: pd.Series, epochs: list[dict], trained: int | None) -> tuple[float, float]:
+def _hours(row: pd.Series, epochs: list[dict], trained: int | None, resumed: int = 0) -> tuple[float, float]:
     """(race, grid) device-hours of one cell: each epoch trained at its own epoch_s, plus an even share of the
-    cell's evaluation time per epoch. A dropped racer's cells count only the epochs before its cut."""
+    cell's evaluation time per epoch. A dropped racer's cells count only the epochs before its cut. Each time the
+    race resumes a cell it pays the warm-up again (a new process: first steps, allocator, autotuning), estimated
+    as what the grid's first epoch took over its later epochs' median."""
     done = int(row["epochs_run"]) if pd.notna(row["epochs_run"]) and row["epochs_run"] > 0 else len(epochs)
     if not done:
         return 0.0, 0.0
@@ -155,7 +162,8 @@ def _hours(row: pd.Series, epochs: list[dict], trained: int | None) -> tuple[flo
     times = [float(e["epoch_s"]) if pd.notna(e.get("epoch_s")) else average for e in epochs]
     share = float(row["eval_s"]) / done if pd.notna(row["eval_s"]) else 0.0
     upto = len(epochs) if trained is None else len([e for e in epochs if e["epoch"] < trained])
-    return (sum(times[:upto]) + upto * share) / 3600, (sum(times) + len(epochs) * share) / 3600
+    warmup = max(0.0, times[0] - statistics.median(times[1:])) if len(times) >= 2 else 0.0
+    return (sum(times[:upto]) + upto * share + resumed * warmup) / 3600, (sum(times) + len(epochs) * share) / 3600
 
 
 def _picks(grid: pd.DataFrame, alive: set[str], spec: RaceSpec) -> tuple[race.Score, race.Score, str]:

@@ -3,6 +3,7 @@ known: one config leads from the first epoch, another learns slowly and overtake
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -87,6 +88,15 @@ def test_the_replay_races_the_epoch_rows_and_says_what_it_would_have_cost(tmp_pa
                               f"device-hours {RACE_H:.3f} of {GRID_H:.3f} ({share:.1f}%)")
     assert f"{RACE_H:.3f} of {GRID_H:.3f} ({share:.1f}%)" == "4.200 of 9.100 (46.2%)"
     assert [(r.epochs, r.configs_in, r.kept) for r in done.rungs] == [(1, 6, 2), (3, 2, 1)]  # A's lr sweep: one racer
+
+
+def test_each_resumed_segment_pays_the_first_epochs_warm_up_again(tmp_path, monkeypatch):
+    # The first epoch 100 s slower: 10 s over the later epochs' median (396, 432, 468, 504 -> 450) is the warm-up.
+    monkeypatch.setattr(sys.modules[__name__], "EPOCH_S", [EPOCH_S[0] + 100.0, *EPOCH_S[1:]])
+    done = replayed(write_grid(tmp_path, 0.70).root)
+    # A's four cells resume twice (after epochs 1 and 3), B's two once, the dropped never: 10 resumes of 10 s.
+    assert done.race_hours == pytest.approx(RACE_H + (14 * 100 + 10 * 10) / 3600)
+    assert done.grid_hours == pytest.approx(GRID_H + 14 * 100 / 3600)
 
 
 def test_a_later_rung_keeps_the_late_config_and_picks_as_the_grid_does(tmp_path):
