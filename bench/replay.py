@@ -23,7 +23,7 @@ from bench.suite import Cell, RaceSpec
 
 # What a replay reads of each row (identity columns come with every read).
 COLUMNS = ("group_id", "cell_json", "finished_at", "val_top1_tested", "val_top1_best", "epochs_run", "train_s",
-           "eval_s")
+           "eval_s", "val_images", "test_images")
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,8 @@ def _racers(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def _hours(row: pd.Series, epochs: list[dict], trained: int | None, resumed: int = 0) -> tuple[float, float]:
-    """(race, grid) device-hours of one cell: each epoch trained at its own epoch_s, plus an even share of the
-    cell's evaluation time per epoch. A dropped racer's cells count only the epochs before its cut. Each time the
+    """(race, grid) device-hours of one cell: each epoch trained at its own epoch_s and validated, plus the test
+    pass. A dropped racer's cells count only the epochs before its cut and no test pass. Each time the
     race resumes a cell it pays the warm-up again (a new process: first steps, allocator, autotuning), estimated
     as what the grid's first epoch took over its later epochs' median."""
     done = int(row["epochs_run"]) if pd.notna(row["epochs_run"]) and row["epochs_run"] > 0 else len(epochs)
@@ -160,10 +160,22 @@ def _hours(row: pd.Series, epochs: list[dict], trained: int | None, resumed: int
     # An epoch without its own time (an older row) counts as the cell's average epoch.
     average = float(row["train_s"]) / done if pd.notna(row["train_s"]) else 0.0
     times = [float(e["epoch_s"]) if pd.notna(e.get("epoch_s")) else average for e in epochs]
-    share = float(row["eval_s"]) / done if pd.notna(row["eval_s"]) else 0.0
+    val, test = _evaluation(row, done)
     upto = len(epochs) if trained is None else len([e for e in epochs if e["epoch"] < trained])
     warmup = max(0.0, times[0] - statistics.median(times[1:])) if len(times) >= 2 else 0.0
-    return (sum(times[:upto]) + upto * share + resumed * warmup) / 3600, (sum(times) + len(epochs) * share) / 3600
+    race_s = sum(times[:upto]) + upto * val + (test if trained is None else 0.0) + resumed * warmup
+    return race_s / 3600, (sum(times) + len(epochs) * val + test) / 3600
+
+
+def _evaluation(row: pd.Series, done: int) -> tuple[float, float]:
+    """(one validation pass, the test pass) in seconds: the cell's evaluation time split by images (a dropped
+    cell never runs its test pass); an even share per epoch where the row does not say its image counts."""
+    eval_s = float(row["eval_s"]) if pd.notna(row["eval_s"]) else 0.0
+    val, test = (float(row[c]) if c in row and pd.notna(row[c]) else math.nan for c in ("val_images", "test_images"))
+    if not (val > 0 and test >= 0):
+        return eval_s / done, 0.0
+    per_image = eval_s / (done * val + test)
+    return per_image * val, per_image * test
 
 
 def _picks(grid: pd.DataFrame, alive: set[str], spec: RaceSpec) -> tuple[race.Score, race.Score, str]:

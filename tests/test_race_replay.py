@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from bench import replay
 from bench.cli import main
 from bench.errors import ResultsError
-from bench.result import Accuracy, CellResult, Identity, Process, Training
+from bench.result import Accuracy, Build, CellResult, Identity, Process, Training
 from bench.store import ResultStore
 from bench.suite import Cell, RaceSpec
 
@@ -39,12 +39,14 @@ def cell_of(name: str, seed: int) -> Cell:
 
 
 def write_cell(store: ResultStore, run_id: str, cell: Cell, vals: list[float], *, status: str = "ok",
-               when: datetime = T0, with_epochs: bool = True) -> None:
+               when: datetime = T0, with_epochs: bool = True, images: tuple[int, int] | None = None) -> None:
     identity = Identity(run_id=run_id, suite=SUITE, cell_id=cell.id, group_id=cell.group_id, status=status,
                         cell_json=cell.canonical())
     parts = {"training": Training(epochs_run=len(vals), train_s=sum(EPOCH_S[:len(vals)]), eval_s=EVAL_S),
              "accuracy": Accuracy(val_top1_best=max(vals), val_top1_final=vals[-1], val_top1_tested=max(vals)),
              "process": Process(finished_at=when)}
+    if images:  # (validation, test) images: the evaluation time splits by them
+        parts["build"] = Build(val_images=images[0], test_images=images[1])
     epochs = [{"epoch": e, "val_top1": v, "epoch_s": EPOCH_S[e]} for e, v in enumerate(vals)]
     store.write(CellResult(identity, cell, parts).row(), epochs if with_epochs else [])
 
@@ -97,6 +99,16 @@ def test_each_resumed_segment_pays_the_first_epochs_warm_up_again(tmp_path, monk
     # A's four cells resume twice (after epochs 1 and 3), B's two once, the dropped never: 10 resumes of 10 s.
     assert done.race_hours == pytest.approx(RACE_H + (14 * 100 + 10 * 10) / 3600)
     assert done.grid_hours == pytest.approx(GRID_H + 14 * 100 / 3600)
+
+
+def test_a_dropped_cell_is_not_charged_the_test_pass_it_never_ran(tmp_path):
+    # 100 validation images a pass, 5 passes, 120 test images: 620 images in EVAL_S (180 s), 100 of them a pass.
+    done = replayed(write_grid(tmp_path, 0.70, images=(100, 120)).root)
+    val, test = EVAL_S * 100 / 620, EVAL_S * 120 / 620
+    spent = 8 * (EPOCH_S[0] + val) + 2 * (sum(EPOCH_S[:3]) + 3 * val) + 4 * FIVE  # finishers: every pass and test
+    assert done.race_hours == pytest.approx(spent / 3600)
+    assert done.grid_hours == pytest.approx(GRID_H) and done.race_hours < RACE_H
+    assert val * 5 + test == pytest.approx(EVAL_S)
 
 
 def test_a_later_rung_keeps_the_late_config_and_picks_as_the_grid_does(tmp_path):
