@@ -200,3 +200,31 @@ def test_a_config_label_names_an_unset_value_as_its_axis_does():
                      "steps": pd.NA, "test_subset": None, "infer_budget_s": 4.0, "lr": 0.2})
     label = config_label(row, ["steps", "test_subset", "infer_budget_s", "lr"])
     assert label == "tv:resnet18 r32 bs512 freeze=none steps=no cap test_subset=all infer_budget_s=4 lr=0.2"
+
+
+def test_weights_files_are_named_by_file_name_unless_two_share_one():
+    import pandas as pd
+
+    from bench.report.tables import config_label, weights_names
+
+    assert weights_names(["/tmp/bench-x/lite0.pth", "/tmp/bench-x/lite1.pth", None, float("nan")]) == {
+        "/tmp/bench-x/lite0.pth": "lite0.pth", "/tmp/bench-x/lite1.pth": "lite1.pth"}
+    shared = weights_names(["/runs/a/best.pt", "/runs/b/best.pt"])  # a file name that does not tell them apart
+    assert shared == {"/runs/a/best.pt": "/runs/a/best.pt", "/runs/b/best.pt": "/runs/b/best.pt"}
+    row = pd.Series({"model": "tv:resnet18", "resolution": 32, "batch_size": 64, "freeze": "none",
+                     "weights": "/tmp/bench-x/lite0.pth"})
+    names = weights_names(["/tmp/bench-x/lite0.pth", "/tmp/bench-x/lite1.pth"])
+    assert config_label(row, ["weights"], names) == "tv:resnet18 r32 bs64 freeze=none weights=lite0.pth"
+    assert config_label(row, ["weights"]).endswith("weights=/tmp/bench-x/lite0.pth")
+
+
+def test_an_axis_with_one_value_per_model_gets_no_panel_of_its_own(tmp_path):
+    # Each model fine-tuned from its own weights file: 'weights' varies, but only with the model.
+    rows = [row(c, weights=f"/ckpt/{c.model}.pth")
+            for c in cells(models=("resnet18", "vgg16"), resolutions=(32, 64))]
+    write(tmp_path / "results", rows)
+    outcome = build_report(tmp_path / "results", tmp_path / "out")
+    markdown = outcome.markdown.read_text()
+    assert "accuracy_by_axis" not in {p.stem for p in outcome.pngs}
+    assert ("skipped: weights took one value per model among the ranked configs, so there is nothing to compare "
+            "along it apart from the model") in markdown

@@ -127,6 +127,12 @@ def accuracy_by_axis(data: ReportData) -> Figure | str:
     panels = [(a, c) for a, c in panels if not c.empty]
     if not panels:
         return "skipped: no config has validation accuracy to choose by"
+    # An axis each model ranked at one value only (weights files, one per model) shows no effect of its own.
+    along = [(a, c) for a, c in panels if (c.groupby("model")[a].nunique(dropna=False) > 1).any()]
+    if not along:
+        return (f"skipped: {', '.join(a for a, _ in panels)} took one value per model among the ranked configs, "
+                "so there is nothing to compare along it apart from the model")
+    panels = along
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, grid = figure(4.6 * ncols + 1.8, 3.9 * nrows, ncols=ncols, nrows=nrows)

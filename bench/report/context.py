@@ -60,8 +60,9 @@ def make_context(selection: Selection, *, top1_drop: float, speed_drop: float,
     config = tables.config_columns(current)
     extra = [c for c in config if c not in tables.KEY_CONFIG and c != "suite"]
     configs = tables.config_table(trained, config)
-    configs["label"] = [tables.config_label(r, extra) for _, r in configs.iterrows()]
-    configs["backbone_label"] = [tables.config_label(r, [c for c in extra if c not in tables.TUNED])
+    names = tables.weights_names(configs["weights"]) if "weights" in configs else None
+    configs["label"] = [tables.config_label(r, extra, names) for _, r in configs.iterrows()]
+    configs["backbone_label"] = [tables.config_label(r, [c for c in extra if c not in tables.TUNED], names)
                                  for _, r in configs.iterrows()]
     # A config whose seeds partly failed shows it next to n, so a mean over fewer seeds is not mistaken for all.
     failed = current[~ok].groupby(tables.GROUP).size().rename("n_failed")

@@ -67,7 +67,8 @@ def _race(data: ReportData, suite: str, rows: pd.DataFrame, epochs: dict[str, li
     keys = [c for c in data.config if c not in tables.TUNED and c != "suite"]
     board = _board(data.leaderboard[data.leaderboard["suite"] == suite])
     backbone = [c for c in data.extra if c not in tables.TUNED]
-    racers = [_racer(members, rungs, epochs, board, backbone)
+    names = tables.weights_names(rows["weights"]) if "weights" in rows else None
+    racers = [_racer(members, rungs, epochs, board, backbone, names)
               for _, members in rows.groupby(keys, sort=False, dropna=False)]
     table = pd.DataFrame(racers).astype({"rank": "Int64", "rung": "Int64"})
     number = {c: table[c].astype("Float64").to_numpy(float, na_value=np.nan) for c in ("last", "rung", "rank")}
@@ -116,7 +117,7 @@ def _board(board: pd.DataFrame) -> dict[str, pd.Series]:
 
 
 def _racer(members: pd.DataFrame, rungs: list[int | None], epochs: dict[str, list[dict]],
-           board: dict[str, pd.Series], backbone: list[str]) -> dict:
+           board: dict[str, pd.Series], backbone: list[str], names: dict[str, str] | None = None) -> dict:
     """One config's race: its outcome, its score at every rung it was alive for, and its hours."""
     first = members.iloc[0]
     dropped = members[members["status"] == status.DROPPED]
@@ -135,7 +136,7 @@ def _racer(members: pd.DataFrame, rungs: list[int | None], epochs: dict[str, lis
     spent = [spent_s(r) for _, r in members.iterrows()]
     full = [full_s(r, epochs.get(r["cell_id"], [])) for _, r in members.iterrows()]
     return dict(
-        label=tables.config_label(first, backbone), model=str(first["model"]), cells=len(members),
+        label=tables.config_label(first, backbone, names), model=str(first["model"]), cells=len(members),
         groups=sorted(members["group_id"].astype(str).unique()), outcome=outcome,
         rung=int(dropped["race_rung"].min()) if outcome == DROPPED else None,
         rank=row["rank"] if row is not None and pd.notna(row["rank"]) else None,

@@ -13,7 +13,9 @@ into text. Tests check these numbers against the rows they wrote.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import numpy as np
 import pandas as pd
@@ -80,16 +82,30 @@ def config_columns(rows: pd.DataFrame) -> list[str]:
     return suite + KEY_CONFIG + varying(rows, OTHER_CONFIG)
 
 
-def config_label(row: pd.Series, extra: list[str]) -> str:
-    """A short human name for a config: 'resnet18 r224 bs64 freeze=all optimizer=adamw'."""
+def config_label(row: pd.Series, extra: list[str], weights: Mapping[str, str] | None = None) -> str:
+    """A short human name for a config: 'resnet18 r224 bs64 freeze=all optimizer=adamw'; `weights` names the
+    weights files shorter (`weights_names`)."""
     parts = [str(row["model"]), f"r{_int(row['resolution'])}", f"bs{_int(row['batch_size'])}", f"freeze={row['freeze']}"]
-    parts += [f"{c}={_value_label(row[c], c)}" for c in extra if c not in KEY_CONFIG and c != "suite"]
+    parts += [f"{c}={_value_label(row[c], c, weights)}" for c in extra if c not in KEY_CONFIG and c != "suite"]
     return " ".join(parts)
 
 
-def _value_label(value: object, axis: str) -> str:
+def weights_names(values: Iterable[object]) -> dict[str, str]:
+    """Each weights file by its file name where the names tell the files apart (a folder of temporary or cache
+    paths says nothing in a legend), by its whole path where two share a name; the leaderboard's column keeps
+    the paths."""
+    paths = {str(v) for v in values if not _missing(v)}
+    names = {path: PurePath(path).name or path for path in paths}
+    return names if len(set(names.values())) == len(names) else {path: path for path in paths}
+
+
+def _value_label(value: object, axis: str, weights: Mapping[str, str] | None = None) -> str:
     """One config value as the axis labels show it: `steps=no cap`, not `steps=<NA>`; `4`, not `4.0`."""
-    return UNSET.get(axis, "unset") if _missing(value) else _label(value)
+    if _missing(value):
+        return UNSET.get(axis, "unset")
+    if axis == "weights" and weights:
+        return weights.get(str(value), str(value))
+    return _label(value)
 
 
 def _int(value: object) -> str:
@@ -300,7 +316,8 @@ def axis_labels(values: pd.Series, axis: str) -> tuple[pd.Series, list[str]]:
     """An axis's values as text labels (an unset value named, never dropped), and their order: freeze depths
     from none to all, numbers by value, then text, unset last."""
     unset = UNSET.get(axis, "unset")
-    labels = pd.Series([unset if _missing(v) else _label(v) for v in values], index=values.index, dtype=object)
+    names = weights_names(values) if axis == "weights" else None
+    labels = pd.Series([_value_label(v, axis, names) for v in values], index=values.index, dtype=object)
     firsts = dict(zip(labels, values))
 
     def key(label: str) -> tuple:
